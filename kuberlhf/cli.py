@@ -1,0 +1,179 @@
+"""The `kuberlhf` command line.
+
+Each subcommand imports its implementation lazily, so `kuberlhf validate` and
+`kuberlhf operator` work in the slim operator image (no torch, ray or deepspeed) and
+`kuberlhf run` never pays for the operator's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kuberlhf import api
+
+EPILOG = """\
+examples:
+  kuberlhf validate examples/tiny-grpo.yaml      check a spec (exit 1 names every bad field)
+  kuberlhf run examples/tiny-grpo.yaml           train locally on CPU, no cluster needed
+  kuberlhf render examples/tiny-grpo.yaml        the Kubernetes objects the operator would create
+  kuberlhf crd | kubectl apply -f -              install the RLHFJob CustomResourceDefinition
+  kuberlhf operator --namespace team-a           run the operator (normally via the Helm chart)
+"""
+
+
+def load_documents(path: Path) -> list[Any]:
+    """All YAML documents of a file; a file that is not YAML becomes a SpecError."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise api.SpecError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise api.SpecError([f"{path}: not valid YAML: {exc}"]) from None
+
+
+def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
+    """Checks only a laptop can make: files the spec points at must exist."""
+    problems = []
+    fn = job.spec.reward.function
+    if fn is not None:
+        target, _, name = fn.rpartition(":")
+        if not target or not name:
+            problems.append(f"spec.reward.function: {fn!r} must look like 'file.py:fn' or 'module:fn'")
+        elif target.endswith(".py") and not (spec_dir / target).is_file():
+            problems.append(f"spec.reward.function: file {target!r} not found next to the spec ({spec_dir})")
+    return problems
+
+
+def load_job(path: Path, check_files: bool = True) -> api.RLHFJob:
+    """Read and validate a single-RLHFJob file, raising SpecError with every problem."""
+    docs = load_documents(path)
+    if len(docs) != 1:
+        raise api.SpecError([f"{path}: expected exactly one RLHFJob document, found {len(docs)}"])
+    job = api.parse_job(docs[0])
+    problems = local_problems(job, path.parent) if check_files else []
+    if problems:
+        raise api.SpecError(problems)
+    return job
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            docs = load_documents(path)
+            if not docs:
+                raise api.SpecError([f"{path}: no YAML document found"])
+            for doc in docs:
+                job = api.parse_job(doc)
+                problems = local_problems(job, path.parent)
+                if problems:
+                    raise api.SpecError(problems)
+                print(f"{path}: {job.metadata.name}: valid ({job.spec.algorithm}, {job.spec.schedule.steps} steps)")
+        except api.SpecError as exc:
+            failed += 1
+            for problem in exc.problems:
+                print(f"{path}: {problem}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kuberlhf import crd
+
+    sys.stdout.write(crd.crd_yaml())
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from kuberlhf_operator import builders
+
+    try:
+        job = load_job(Path(args.file), check_files=False)
+    except api.SpecError as exc:
+        for problem in exc.problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        return 1
+    objects = builders.build_all(job, namespace=args.namespace or job.metadata.namespace or "default")
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=100))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kuberlhf.workers import run
+
+    return run.main(args)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from kuberlhf_operator import main
+
+    return main.main(args)
+
+
+def cmd_reward_server(args: argparse.Namespace) -> int:
+    from kuberlhf.workers import reward_server
+
+    return reward_server.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kuberlhf",
+        description="RLHF / RL post-training of LLMs on Kubernetes: one RLHFJob spec, run "
+        "locally on CPU or as a KubeRay job on a cluster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check RLHFJob files; exit 1 with one line per problem")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the RLHFJob CustomResourceDefinition")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("render", help="print the objects the operator would create (a dry run)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--namespace", "-n", help="namespace of the objects (default: the spec's, or default)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("run", help="train: locally on CPU by default, or inside a RayJob")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides schedule.steps)")
+    p.add_argument("--output", "-o", default=None, help="run folder (default: runs/<job name>)")
+    p.add_argument("--ray-address", default="local",
+                   help="'local' starts a private Ray; 'auto' joins the cluster (inside a RayJob)")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per step")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator")
+    p.add_argument("--namespace", "-n", action="append", default=[],
+                   help="watch this namespace (repeatable); default: all namespaces")
+    p.add_argument("--health-port", type=int, default=8080, help="liveness / readiness endpoint")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics endpoint")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("reward-server", help="serve a reward model over HTTP (POST /score)")
+    p.add_argument("--model", required=True, help="sequence-classification model directory")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-env", default="KUBERLHF_REWARD_TOKEN",
+                   help="environment variable holding the bearer token (unset: no auth)")
+    p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
+    p.set_defaults(func=cmd_reward_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,1 @@
+"""The Ray-side training program: driver, rollout, trainers, rewards, weight sync."""
