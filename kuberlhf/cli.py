@@ -76,7 +76,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 problems = local_problems(job, path.parent)
                 if problems:
                     raise api.SpecError(problems)
-                print(f"{path}: {job.metadata.name}: valid ({job.spec.algorithm}, {job.spec.schedule.steps} steps)")
+                summary = f"{job.spec.algorithm}, {job.spec.schedule.steps} steps"
+                print(f"{path}: {job.metadata.name}: valid ({summary})")
         except api.SpecError as exc:
             failed += 1
             for problem in exc.problems:

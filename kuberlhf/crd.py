@@ -83,9 +83,9 @@ def _structural(node: JSONSchema) -> JSONSchema:
             out["additionalProperties"] = _structural(additional)
     for name, sub in out.get("properties", {}).items():
         # An absent sub-object is defaulted to {} so the API server fills its leaves.
-        if sub.get("type") == "object" and "properties" in sub and not sub.get("nullable"):
-            if name not in out.get("required", []):
-                sub.setdefault("default", {})
+        optional = name not in out.get("required", [])
+        if sub.get("type") == "object" and "properties" in sub and not sub.get("nullable") and optional:
+            sub.setdefault("default", {})
     return out
 
 

@@ -13,7 +13,9 @@ def _normalise(text: str) -> str:
     return text.strip().replace(" ", "").rstrip(".")
 
 
-def reward(prompts: list[str], completions: list[str], answer: list[str] | None = None, **kw: object) -> list[float]:
+def reward(
+    prompts: list[str], completions: list[str], answer: list[str] | None = None, **kw: object
+) -> list[float]:
     answers = answer or [""] * len(completions)
     scores = []
     for completion, expected in zip(completions, answers, strict=True):

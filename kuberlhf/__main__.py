@@ -1,0 +1,3 @@
+from kuberlhf.cli import main
+
+main()

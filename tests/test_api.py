@@ -1,0 +1,153 @@
+"""The RLHFJob API models: defaults, the sample spec, and every kind of bad input naming its field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kuberlhf import api
+
+EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+
+ISSUE_SAMPLE = """
+apiVersion: kuberlhf.io/v1alpha1
+kind: RLHFJob
+metadata: {name: tiny-grpo}
+spec:
+  algorithm: grpo
+  model:
+    actor: builtin:tiny
+  reward:
+    function: rewards/digits.py:reward
+  data:
+    prompts: builtin:toy
+    maxNewTokens: 32
+  rollout:
+    engine: hf
+    replicas: 1
+    samplesPerPrompt: 4
+    promptsPerStep: 8
+    temperature: 1.0
+  actor:
+    replicas: 1
+    zeroStage: 2
+    learningRate: 1.0e-3
+  kl: {coef: 0.0}
+  schedule: {steps: 20}
+"""
+
+
+def sample() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load(ISSUE_SAMPLE))
+
+
+def problems_of(obj: dict[str, Any]) -> list[str]:
+    with pytest.raises(api.SpecError) as info:
+        api.parse_job(obj)
+    return info.value.problems
+
+
+def test_issue_sample_validates_with_its_values_and_defaults() -> None:
+    job = api.parse_job(sample())
+    assert job.spec.algorithm == "grpo"
+    assert job.spec.rollout.samples_per_prompt == 4
+    assert job.spec.actor.learning_rate == pytest.approx(1e-3)
+    assert job.spec.data.max_new_tokens == 32
+    assert job.spec.weight_sync.transport == "auto"
+    assert job.spec.critic is None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_validates(path: Path) -> None:
+    api.parse_job(yaml.safe_load(path.read_text()))
+
+
+def test_spec_round_trips_through_its_camel_case_dict() -> None:
+    job = api.parse_job(sample())
+    again = api.RLHFJobSpec.model_validate(api.spec_to_dict(job.spec))
+    assert again == job.spec
+    assert "samplesPerPrompt" in api.spec_to_dict(job.spec)["rollout"]
+
+
+def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    node = obj
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "hint"),
+    [
+        ("spec.algorithm", "grpoo", "spec.algorithm", "allowed"),
+        ("spec.rollout.replicas", -1, "spec.rollout.replicas", "greater than or equal to 1"),
+        ("spec.rollout.samplesPerPrompt", 1, "spec.rollout.samplesPerPrompt", "2 or more"),
+        ("spec.rollout.temprature", 0.7, "spec.rollout.temprature", "unknown field"),
+        ("spec.actor.zeroStage", "two", "spec.actor.zeroStage", "valid integer"),
+        ("spec.actor.zeroStage", 4, "spec.actor.zeroStage", "less than or equal to 3"),
+        ("spec.kl.estimator", "k4", "spec.kl.estimator", "'k1', 'k2' or 'k3'"),
+        ("spec.critic", {"replicas": 1}, "spec.critic", "only ppo"),
+        ("spec.model.reference", "x", "spec.model.reference", "kl.coef > 0"),
+        ("spec.reward.url", "http://rm:8000", "spec.reward", "exactly one"),
+        ("metadata.name", "Bad_Name", "metadata.name", "pattern"),
+        ("metadata.name", "x" * 41, "metadata.name", "at most 40"),
+    ],
+)
+def test_bad_input_names_the_field(path: str, value: Any, field: str, hint: str) -> None:
+    problems = problems_of(_set(sample(), path, value))
+    assert any(p.startswith(field + ":") and hint in p for p in problems), problems
+
+
+def test_colocate_with_unequal_gpus_is_refused() -> None:
+    obj = sample()
+    obj["spec"]["placement"] = "colocate"
+    obj["spec"]["rollout"]["resources"] = {"gpus": 1}
+    obj["spec"]["actor"]["resources"] = {"gpus": 2}
+    problems = problems_of(obj)
+    assert problems == [p for p in problems if p.startswith("spec.placement:")]
+    assert "placement: separate" in problems[0]
+
+
+def test_colocate_with_equal_gpus_is_accepted() -> None:
+    obj = sample()
+    obj["spec"]["placement"] = "colocate"
+    obj["spec"]["rollout"].update(replicas=2, resources={"gpus": 2})
+    obj["spec"]["actor"].update(replicas=4, resources={"gpus": 1})
+    assert api.parse_job(obj).spec.placement == "colocate"
+
+
+def test_missing_required_fields_are_each_reported() -> None:
+    obj = sample()
+    del obj["spec"]["model"]
+    del obj["spec"]["reward"]
+    problems = problems_of(obj)
+    assert "spec.model: required field is missing" in problems
+    assert "spec.reward: required field is missing" in problems
+
+
+def test_wrong_kind_and_non_mapping_input_are_refused() -> None:
+    obj = sample()
+    obj["kind"] = "RayJob"
+    assert any(p.startswith("kind:") for p in problems_of(obj))
+    with pytest.raises(api.SpecError, match="expected a mapping"):
+        api.parse_job(["not", "a", "job"])
+
+
+def test_every_field_is_documented() -> None:
+    def walk(model: type[api.BaseModel]) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            for sub in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, api.BaseModel):
+                    missing += walk(sub)
+        return missing
+
+    assert walk(api.RLHFJobSpec) == []
