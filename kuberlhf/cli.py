@@ -97,11 +97,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     try:
         job = load_job(Path(args.file), check_files=False)
+        objects = builders.build_all(job, namespace=args.namespace or job.metadata.namespace or "default")
     except api.SpecError as exc:
         for problem in exc.problems:
             print(f"{args.file}: {problem}", file=sys.stderr)
         return 1
-    objects = builders.build_all(job, namespace=args.namespace or job.metadata.namespace or "default")
     sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=100))
     return 0
 
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default="KUBERLHF_REWARD_TOKEN",
                    help="environment variable holding the bearer token (unset: no auth)")
     p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
+    p.add_argument("--max-body-mb", type=int, default=16, help="largest accepted request body (MiB)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     p.set_defaults(func=cmd_reward_server)
     return parser
 

@@ -1,0 +1,162 @@
+"""Pod templates for the RayJob: the head, one per worker group, and the job submitter.
+
+Every pod runs the worker image as a non-root user with no capabilities, mounts the job
+spec (ConfigMap) and the checkpoint volume, and gets secrets only as secretKeyRef, so no
+secret value ever sits in a spec, a ConfigMap or the RLHFJob status.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from kuberlhf.api import Resources, RLHFJob, SecretKeyRef
+from kuberlhf_operator.names import checkpoint_claim, child_names, pod_labels
+from kuberlhf_operator.quantities import shm_size
+
+SPEC_DIR = "/etc/kuberlhf"
+SPEC_KEY = "rlhfjob.yaml"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_KEY}"
+SHM_DIR = "/dev/shm"
+GPU_RESOURCE = "nvidia.com/gpu"
+# The `ray` user of the Ray images; fsGroup makes the checkpoint volume writable for it.
+RAY_UID = 1000
+HEAD_RESOURCES = Resources(cpu="2", memory="8Gi")
+
+
+def checkpoint_mount_path(job: RLHFJob) -> str:
+    """Where checkpoints live in the pods; a relative spec path (fine locally) is taken from /."""
+    return posixpath.normpath(posixpath.join("/", job.spec.checkpoint.path))
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "runAsGroup": RAY_UID,
+        "fsGroup": RAY_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    # readOnlyRootFilesystem stays false: Ray writes its session directory and logs under /tmp,
+    # and torch / DeepSpeed / vLLM write JIT-compiled kernels and caches under the home folder;
+    # the rest of the restricted Pod Security profile is met.
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": False,
+    }
+
+
+def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
+    """What every process needs to know about its job; secrets only as references."""
+    out: list[dict[str, Any]] = [
+        {"name": "KUBERLHF_JOB_NAME", "value": job.metadata.name},
+        {"name": "KUBERLHF_NAMESPACE", "value": namespace},
+        {"name": "KUBERLHF_ROLE", "value": role},
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    ]
+    if job.spec.model.hub_token_secret_ref is not None:
+        out.append(_secret_env("HF_TOKEN", job.spec.model.hub_token_secret_ref))
+    if job.spec.reward.token_secret_ref is not None:
+        out.append(_secret_env("KUBERLHF_REWARD_TOKEN", job.spec.reward.token_secret_ref))
+    return out
+
+
+def volumes(job: RLHFJob, memory: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "spec", "configMap": {"name": child_names(job).configmap}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim(job)}},
+        # NCCL and vLLM exchange tensors through /dev/shm; the runtime's default is 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+    ]
+
+
+def volume_mounts(job: RLHFJob) -> list[dict[str, Any]]:
+    return [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "checkpoints", "mountPath": checkpoint_mount_path(job)},
+        {"name": "dshm", "mountPath": SHM_DIR},
+    ]
+
+
+def container_resources(resources: Resources) -> dict[str, Any]:
+    """Requests equal limits (Guaranteed QoS): training pods must not be the first evicted, and
+    KubeRay derives Ray's num-cpus / num-gpus / memory from these."""
+    amounts: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    if resources.gpus > 0:
+        amounts[GPU_RESOURCE] = str(resources.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _scheduling(job: RLHFJob) -> dict[str, Any]:
+    """Node selection copied onto every pod, so the whole job lands on the intended pool."""
+    spec = job.spec
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if spec.priority_class_name:
+        out["priorityClassName"] = spec.priority_class_name
+    return out
+
+
+def ray_pod_template(
+    job: RLHFJob, namespace: str, role: str, resources: Resources, *, api_access: bool
+) -> dict[str, Any]:
+    """A Ray node's pod. Only the head (where the driver runs) gets an API token: the driver
+    patches its RLHFJob's status; workers never talk to the API server."""
+    container = {
+        "name": "ray-head" if role == "head" else "ray-worker",
+        "image": job.spec.image,
+        "env": env(job, namespace, role),
+        "resources": container_resources(resources),
+        "volumeMounts": volume_mounts(job),
+        "securityContext": container_security_context(),
+    }
+    return {
+        "metadata": {"labels": pod_labels(job, role)},
+        "spec": {
+            "serviceAccountName": child_names(job).service_account,
+            "automountServiceAccountToken": api_access,
+            "securityContext": pod_security_context(),
+            "containers": [container],
+            "volumes": volumes(job, resources.memory),
+            **_scheduling(job),
+        },
+    }
+
+
+def submitter_pod_template(job: RLHFJob) -> dict[str, Any]:
+    """The K8sJobMode submitter, given only so it meets the same security profile as the Ray pods
+    (KubeRay's default one runs as the image's user with no security context). KubeRay fills in
+    the `ray job submit` command; the entrypoint itself runs on the head, which mounts the spec, so
+    the submitter needs no volume and no API token."""
+    return {
+        "metadata": {"labels": pod_labels(job, "submitter")},
+        "spec": {
+            "serviceAccountName": child_names(job).service_account,
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
+            "securityContext": pod_security_context(),
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": job.spec.image,
+                    "resources": {
+                        "requests": {"cpu": "200m", "memory": "256Mi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    },
+                    "securityContext": container_security_context(),
+                }
+            ],
+            **_scheduling(job),
+        },
+    }
