@@ -63,6 +63,18 @@ def load_job(path: Path, check_files: bool = True) -> api.RLHFJob:
     return job
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """Dumps multi-line strings (the spec inside the ConfigMap) as literal blocks people can read."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ReadableDumper.add_representer(str, _str_representer)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for name in args.files:
@@ -102,7 +114,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"{args.file}: {problem}", file=sys.stderr)
         return 1
-    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=100))
+    sys.stdout.write(yaml.dump_all(objects, Dumper=_ReadableDumper, sort_keys=False, width=100))
     return 0
 
 
