@@ -36,6 +36,7 @@ typecheck: install
 
 crd: install
 	$(VENV)/bin/kuberlhf crd > crds/rlhfjob.yaml
+	cp crds/rlhfjob.yaml charts/kuberlhf/crds/rlhfjob.yaml
 
 test: lint typecheck
 	$(PY) -m pytest -q tests
