@@ -46,5 +46,31 @@ test: lint typecheck
 e2e: install
 	$(PY) -m pytest -q tests/e2e
 
+# --- bench: kuberlhf vs TRL, weight sync, operator ------------------------------------------
+# TRL pins its own stack, so it lives in a second venv, built once behind a stamp file that
+# names the pinned versions (change them here and the venv is rebuilt).
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed-trl-1.16.0-torch-2.13.0
+BENCH_STEPS ?= 20
+ifndef BENCH_OUT
+BENCH_OUT := bench/out/$(shell date -u +%Y%m%d-%H%M%S)
+endif
+
+$(BENCH_STAMP):
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel first, pinned: anything else would pull a multi-GB CUDA build.
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q 'trl==1.16.0' 'transformers>=5.0,<5.20' accelerate datasets matplotlib psutil pyyaml
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $(BENCH_STAMP)
+
+# Sequential runs pinned to cores 0-1 (bench/README.md): use a quiet machine. The second line
+# prints every run kept under bench/out, this one included, as one table.
+bench: install $(BENCH_STAMP)
+	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --out $(BENCH_OUT)
+	$(BENCH_PY) bench/summary.py bench/out/*/results.json
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Turning what each system recorded into the same per-step rows and summary numbers.
+
+Pure functions: inputs are the parsed step records plus wall-clock times the parent took, so
+both systems are summarised by one definition of startup, steady state and phase split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Summary fields compared as kuberlhf / TRL; for samples/s higher is better, for the rest lower.
+COMPARED = ("startup_s", "steady_samples_per_s", "steady_step_s", "peak_rss_mib", "wall_s")
+
+
+def kuberlhf_steps(
+    metrics: list[dict[str, Any]], arrivals: list[float], started: float, samples_per_step: int
+) -> list[dict[str, Any]]:
+    """Rows from metrics.jsonl. The file has no timestamps, so a step's end is when the parent saw
+    its line appear (polled, see vs_trl.py) and its length is samples / samples_per_second, which
+    the driver measures around the step itself (rollout + reward + train + sync)."""
+    if len(arrivals) < len(metrics):
+        raise ValueError(f"{len(metrics)} metrics lines but only {len(arrivals)} arrival times")
+    rows = []
+    for line, seen in zip(metrics, arrivals, strict=False):
+        rows.append(
+            {
+                "step": int(line["step"]),
+                "reward_mean": line["reward_mean"],
+                "t_end_s": seen - started,
+                "step_s": samples_per_step / line["samples_per_second"],
+                "phases_s": {
+                    phase: line[f"time_{phase}_s"] for phase in ("rollout", "reward", "train", "sync")
+                },
+            }
+        )
+    return rows
+
+
+def trl_steps(records: list[dict[str, Any]], started: float) -> list[dict[str, Any]]:
+    """Rows from trl_side.py's trl_steps.jsonl (timestamps taken inside the TRL process)."""
+    return [
+        {
+            "step": int(r["step"]),
+            "reward_mean": r["reward_mean"],
+            "t_end_s": r["t_end"] - started,
+            "step_s": r["t_end"] - r["t_begin"],
+            "phases_s": {
+                "generate": r["time_generate_s"],
+                "reward": r["time_reward_s"],
+                "train": r["time_train_s"],
+            },
+        }
+        for r in records
+    ]
+
+
+def summarise(
+    rows: list[dict[str, Any]], wall_s: float, peak_rss_bytes: int, samples_per_step: int, warmup: int
+) -> dict[str, Any]:
+    """Startup = process start until the first step began; steady state leaves out the first
+    `warmup` steps (lazy initialisation, allocator growth), unless nothing would be left."""
+    summary: dict[str, Any] = {
+        "steps_done": len(rows),
+        "wall_s": wall_s,
+        "peak_rss_mib": peak_rss_bytes / 2**20,
+        "reward_curve": [r["reward_mean"] for r in rows],
+        "steps": rows,
+    }
+    if not rows:
+        return summary
+    steady = rows[warmup:] if len(rows) > warmup else rows
+    seconds = sum(r["step_s"] for r in steady)
+    phases = sorted({p for r in steady for p in r["phases_s"]})
+    summary.update(
+        startup_s=rows[0]["t_end_s"] - rows[0]["step_s"],
+        steady_state_steps=[r["step"] for r in steady],
+        steady_state_excludes_warmup=len(rows) > warmup,
+        steady_samples_per_s=samples_per_step * len(steady) / seconds,
+        steady_step_s=seconds / len(steady),
+        steady_phases_s={p: sum(r["phases_s"].get(p, 0.0) for r in steady) / len(steady) for p in phases},
+        reward_first=rows[0]["reward_mean"],
+        reward_last=rows[-1]["reward_mean"],
+    )
+    return summary
+
+
+def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
+    """kuberlhf / TRL for each compared field (None where either side lacks it or TRL's is 0)."""
+    out: dict[str, float | None] = {}
+    for key in COMPARED:
+        a, b = ours.get(key), theirs.get(key)
+        out[key] = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+    return out
