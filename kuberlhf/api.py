@@ -9,6 +9,7 @@ judged the same way on a laptop and in a cluster.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,10 +37,15 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class _Model(BaseModel):
-    """Strict camelCase models: an unknown or misspelt field is an error, not ignored."""
+    """Strict camelCase models: an unknown or misspelt field is an error, not ignored.
+
+    NaN and infinity are refused: they pass every range check (NaN compares false, inf has no
+    upper bound on fields like timeouts) and JSON, hence the API server, cannot carry them.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         alias_generator=to_camel,
         populate_by_name=True,
         validate_default=True,
@@ -226,7 +232,9 @@ class Toleration(_Model):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; empty matches all."
     )
-    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="How long a NoExecute taint is tolerated (int64)."
+    )
 
 
 class RLHFJobSpec(_Model):
@@ -255,7 +263,9 @@ class RLHFJobSpec(_Model):
     priority_class_name: str | None = Field(None, description="PriorityClass of every pod.")
     queue_name: str | None = Field(None, description="Kueue LocalQueue; the RayJob waits for admission.")
     backoff_limit: int = Field(2, ge=0, le=100, description="Retries of the whole job from its checkpoint.")
-    ttl_seconds_after_finished: int = Field(600, ge=0, description="Keep the finished RayCluster this long.")
+    ttl_seconds_after_finished: int = Field(
+        600, ge=0, le=2**31 - 1, description="Keep the finished RayCluster this long (KubeRay's int32)."
+    )
     suspend: bool = Field(False, description="Stop the cluster; resuming continues from the checkpoint.")
 
 
@@ -413,8 +423,23 @@ class SpecError(ValueError):
         self.problems = problems
 
 
+# Bounded: a YAML alias bomb or a huge value in a bad field must not turn into a huge (or endless)
+# error message.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 80, 80
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+
+
+def _segment(part: Any) -> str:
+    """A path part as written, quoted when it would blur the line: empty, blank-edged, control
+    characters (a newline would split one problem into two lines) or a dot / colon."""
+    text = str(part)
+    plain = text and text.isprintable() and text.strip() == text and not set(text) & {".", ":"}
+    return text if plain else repr(text)
+
+
 def _describe(error: Any) -> str:
-    path = ".".join(str(p) for p in error["loc"])
+    path = ".".join(_segment(p) for p in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{path}: unknown field (check the spelling; fields are camelCase)"
@@ -422,8 +447,8 @@ def _describe(error: Any) -> str:
         return f"{path}: required field is missing"
     if kind == "literal_error":
         allowed = error.get("ctx", {}).get("expected", "")
-        return f"{path}: got {error.get('input')!r}, allowed: {allowed}"
-    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+        return f"{path}: got {_SHORT.repr(error.get('input'))}, allowed: {allowed}"
+    return f"{path}: {error['msg']} (got {_SHORT.repr(error.get('input'))})"
 
 
 def cross_field_problems(spec: RLHFJobSpec) -> list[str]:

@@ -29,13 +29,18 @@ examples:
 def load_documents(path: Path) -> list[Any]:
     """All YAML documents of a file; a file that is not YAML becomes a SpecError."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise api.SpecError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise api.SpecError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
     try:
         return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise api.SpecError([f"{path}: not valid YAML: {exc}"]) from None
+        # PyYAML's message spans several lines (with a source excerpt): keep one line per problem.
+        raise api.SpecError([f"{path}: not valid YAML: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        raise api.SpecError([f"{path}: not valid YAML: nested too deeply"]) from None
 
 
 def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
@@ -75,6 +80,14 @@ def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _ReadableDumper.add_representer(str, _str_representer)
 
 
+def cluster_checks(job: api.RLHFJob) -> None:
+    """Render the job's Kubernetes objects as the operator would, so everything the operator
+    refuses (quantities, mount paths) is refused here too."""
+    from kuberlhf_operator import builders
+
+    builders.build_all(job, namespace=job.metadata.namespace or "default")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for name in args.files:
@@ -88,12 +101,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 problems = local_problems(job, path.parent)
                 if problems:
                     raise api.SpecError(problems)
+                cluster_checks(job)
                 summary = f"{job.spec.algorithm}, {job.spec.schedule.steps} steps"
                 print(f"{path}: {job.metadata.name}: valid ({summary})")
         except api.SpecError as exc:
             failed += 1
             for problem in exc.problems:
-                print(f"{path}: {problem}", file=sys.stderr)
+                prefix = "" if problem.startswith(f"{path}:") else f"{path}: "
+                print(f"{prefix}{problem}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -121,19 +136,19 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kuberlhf.workers import run
 
-    return run.main(args)
+    return int(run.main(args))
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from kuberlhf_operator import main
 
-    return main.main(args)
+    return int(main.main(args))
 
 
 def cmd_reward_server(args: argparse.Namespace) -> int:
     from kuberlhf.workers import reward_server
 
-    return reward_server.main(args)
+    return int(reward_server.main(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,3 +68,16 @@ def test_help_lists_every_command() -> None:
     assert result.returncode == 0
     for command in ("validate", "crd", "render", "run", "operator", "reward-server"):
         assert command in result.stdout
+
+
+def test_validate_refuses_what_the_operator_would_refuse(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "apiVersion: kuberlhf.io/v1alpha1\nkind: RLHFJob\nmetadata: {name: j}\n"
+        "spec:\n  model: {actor: builtin:tiny}\n  reward: {function: 'mod:fn'}\n"
+        "  actor: {resources: {memory: lots}}\n"
+    )
+    result = kuberlhf("validate", str(spec))
+    assert result.returncode == 1
+    assert "spec.actor.resources.memory" in result.stderr
+    assert result.stderr.count(str(spec)) == 1

@@ -30,10 +30,12 @@ from kuberlhf_operator.names import (
     object_meta,
     owner_reference,
 )
+from kuberlhf_operator.netpol import build_network_policy
 from kuberlhf_operator.pods import (
     HEAD_RESOURCES,
     SPEC_KEY,
     SPEC_PATH,
+    check_checkpoint_path,
     checkpoint_mount_path,
     ray_pod_template,
     submitter_pod_template,
@@ -46,6 +48,7 @@ __all__ = [
     "build_all",
     "build_configmap",
     "build_driver_rbac",
+    "build_network_policy",
     "build_pvc",
     "build_rayjob",
     "child_names",
@@ -157,6 +160,7 @@ def build_rayjob(job: RLHFJob, namespace: str) -> dict[str, Any]:
     whoever updates an existing RayJob must not write spec.suspend back to true for a queued job.
     """
     check_quantities(job.spec)
+    check_checkpoint_path(job)
     spec = job.spec
     names = child_names(job)
     extra_labels = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
@@ -179,12 +183,15 @@ def build_rayjob(job: RLHFJob, namespace: str) -> dict[str, Any]:
 
 def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
-    then storage and the spec the pods mount, the RayJob last."""
+    then storage and the spec the pods mount, the network policy before any pod exists, the RayJob
+    last."""
     check_quantities(job.spec)
+    check_checkpoint_path(job)
     pvc = build_pvc(job, namespace)
     return [
         *build_driver_rbac(job, namespace),
         *([pvc] if pvc is not None else []),
         build_configmap(job, namespace),
+        build_network_policy(job, namespace),
         build_rayjob(job, namespace),
     ]

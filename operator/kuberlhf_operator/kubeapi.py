@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,26 @@ OPERATOR_RULES: list[Obj] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
+
+
+# Answers that say "try again" (throttled, overloaded, restarting): retried here with capped,
+# jittered backoff, because a handler that fails instead waits kopf's 60 s retry, and an event
+# handler (RayJob / RayCluster status) is not retried by kopf at all: its status update would be lost.
+TRANSIENT = frozenset({429, 500, 502, 503, 504})
+RETRIES = 6
+MAX_DELAY_S = 5.0
+
+
+def retry_delay(attempt: int, retry_after: str | None, rng: random.Random | None = None) -> float:
+    """Seconds before retry `attempt` (0-based): the server's Retry-After if it sent one, else 0.1 s
+    doubling with jitter; never more than MAX_DELAY_S, so a bogus Retry-After cannot stall the operator."""
+    if retry_after is not None:
+        try:
+            return min(max(float(retry_after), 0.0), MAX_DELAY_S)
+        except ValueError:
+            pass
+    base = min(0.1 * 2**attempt, MAX_DELAY_S)
+    return base * (0.5 + 0.5 * (rng or random).random())
 
 
 class ApiError(Exception):
@@ -101,8 +123,12 @@ class KubeApi:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.client.param_serialize(
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"])
-        response = self.client.call_api(method, url, headers, body, _request_timeout=self.timeout_s)
-        data = response.read()  # type: ignore[no-untyped-call]
+        for attempt in range(RETRIES + 1):
+            response = self.client.call_api(method, url, headers, body, _request_timeout=self.timeout_s)
+            data = response.read()  # type: ignore[no-untyped-call]
+            if response.status not in TRANSIENT or attempt == RETRIES:
+                break
+            time.sleep(retry_delay(attempt, response.getheader("Retry-After")))
         decoded = json.loads(data) if data else {}
         if not 200 <= response.status < 300:
             raise ApiError(response.status, decoded.get("message", "") if isinstance(decoded, dict) else "")

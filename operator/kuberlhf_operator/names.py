@@ -31,6 +31,7 @@ class ChildNames:
     role: str
     role_binding: str
     pvc: str
+    network_policy: str
 
 
 def child_names(job: RLHFJob) -> ChildNames:
@@ -42,6 +43,7 @@ def child_names(job: RLHFJob) -> ChildNames:
         role=f"{name}-driver",
         role_binding=f"{name}-driver",
         pvc=f"{name}-checkpoints",
+        network_policy=f"{name}-ingress",
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from kuberlhf.api import Resources, RLHFJob, SecretKeyRef
+from kuberlhf.api import Resources, RLHFJob, SecretKeyRef, SpecError
 from kuberlhf_operator.names import checkpoint_claim, child_names, pod_labels
 from kuberlhf_operator.quantities import shm_size
 
@@ -22,11 +22,36 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The `ray` user of the Ray images; fsGroup makes the checkpoint volume writable for it.
 RAY_UID = 1000
 HEAD_RESOURCES = Resources(cpu="2", memory="8Gi")
+# Folders the checkpoint volume must neither cover nor sit inside: the pods' own mounts, and Ray's
+# session folder (its unix sockets do not work on a shared network volume).
+RESERVED_DIRS = {SPEC_DIR: "the job spec is mounted", SHM_DIR: "shared memory is mounted",
+                 "/tmp/ray": "Ray keeps its session and sockets"}
 
 
 def checkpoint_mount_path(job: RLHFJob) -> str:
     """Where checkpoints live in the pods; a relative spec path (fine locally) is taken from /."""
     return posixpath.normpath(posixpath.join("/", job.spec.checkpoint.path))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def checkpoint_path_problems(job: RLHFJob) -> list[str]:
+    """Mount points Kubernetes would reject (a duplicate) or that would hide what the pods need."""
+    path = checkpoint_mount_path(job)
+    fix = "choose a folder of its own, such as /checkpoints"
+    if path == "/":
+        return [f"spec.checkpoint.path: {job.spec.checkpoint.path!r} mounts the volume over the whole "
+                f"filesystem: {fix}"]
+    return [f"spec.checkpoint.path: {job.spec.checkpoint.path!r} overlaps {reserved}, where {why}: {fix}"
+            for reserved, why in RESERVED_DIRS.items() if _overlaps(path, reserved)]
+
+
+def check_checkpoint_path(job: RLHFJob) -> None:
+    problems = checkpoint_path_problems(job)
+    if problems:
+        raise SpecError(problems)
 
 
 def pod_security_context() -> dict[str, Any]:

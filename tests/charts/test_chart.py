@@ -39,6 +39,7 @@ DECLARED_NAMESPACED = {
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
@@ -376,3 +377,11 @@ def test_the_packaged_chart_carries_the_crd_and_renders(tmp_path: Path) -> None:
         objects, _ = render(packaged, {})
     assert {o["kind"] for o in objects} == {"ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
                                             "ServiceAccount"}
+
+
+def test_operator_pods_carry_the_label_job_network_policies_admit(chart: helm.Chart) -> None:
+    from kuberlhf_operator.netpol import OPERATOR_LABEL
+
+    objects, _ = render(chart, {})
+    (deployment,) = of_kind(objects, "Deployment")
+    assert deployment["spec"]["template"]["metadata"]["labels"][OPERATOR_LABEL] == "true"
