@@ -1,0 +1,111 @@
+"""Per-step metrics: a JSONL file, TensorBoard event files, and the live progress line.
+
+All three are progress callbacks with the driver's one signature,
+`callback(step, total, metrics, last_checkpoint)`, like the Kubernetes status reporter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+REQUIRED_KEYS = (
+    "step",
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "policy_loss",
+    "response_length_mean",
+    "samples_per_second",
+    "time_rollout_s",
+    "time_reward_s",
+    "time_train_s",
+    "time_sync_s",
+)
+
+
+class ProgressCallback(Protocol):
+    def __call__(
+        self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None
+    ) -> None: ...
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON cannot hold NaN / inf; write null so every line stays parseable."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+class JsonlWriter:
+    """One JSON object per step; appends, so a resumed run continues the same file."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_clean({"step": step, **metrics}), sort_keys=True) + "\n")
+
+
+class TensorBoardWriter:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def summary_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    return (
+        f"step {step}/{total}  reward {metrics.get('reward_mean', float('nan')):.3f}  "
+        f"kl {metrics.get('kl', float('nan')):.4f}  "
+        f"{metrics.get('samples_per_second', float('nan')):.1f} samples/s  "
+        f"(rollout {metrics.get('time_rollout_s', 0):.2f}s reward {metrics.get('time_reward_s', 0):.2f}s "
+        f"train {metrics.get('time_train_s', 0):.2f}s sync {metrics.get('time_sync_s', 0):.2f}s)"
+    )
+
+
+class PrintProgress:
+    """--quiet: one plain log line per step (also what a RayJob's log shows)."""
+
+    def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
+        print(summary_line(step, total, metrics), flush=True)
+
+
+class RichProgress:
+    """A live bar with step, reward, KL and samples/s; printed lines keep the reward history visible."""
+
+    def __init__(self, total: int, start: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, info="starting")
+        self.progress.start()
+
+    def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
+        info = (
+            f"reward {metrics.get('reward_mean', float('nan')):.3f}  "
+            f"kl {metrics.get('kl', float('nan')):.4f}  "
+            f"{metrics.get('samples_per_second', float('nan')):.1f} samples/s"
+        )
+        self.progress.update(self.task, completed=step, info=info)
+        self.progress.console.print(summary_line(step, total, metrics), highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()

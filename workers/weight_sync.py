@@ -1,0 +1,181 @@
+"""Moving updated weights from trainer rank 0 to every rollout engine.
+
+Two transports behind one small interface (sender `send`, receiver `receive`):
+
+- collective: a torch.distributed group of its own (trainer rank 0 + every rollout engine,
+  gloo on CPU, NCCL on GPU), separate from the trainers' data-parallel world so neither can
+  deadlock the other. Parameters travel in buckets of ~bucketMB flattened into one buffer:
+  a few large broadcasts instead of one call per parameter (the known bottleneck).
+- object-store: rank 0 `ray.put`s the state dict once; every engine reads it. Slower, but
+  needs no open ports between pods.
+
+Both sides derive the same bucket plan from the same parameter list, so only tensors, never
+names or shapes, go over the wire during a sync.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+Loader = Callable[[Iterable[tuple[str, torch.Tensor]]], None]
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def param_meta(name: str, param: torch.Tensor) -> ParamMeta:
+    """Full (unpartitioned) shape: ZeRO-3 keeps it in `ds_shape` while the tensor is a shard."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    return ParamMeta(name, shape, str(param.dtype).removeprefix("torch."))
+
+
+def plan_buckets(meta: list[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
+    """Group parameters, in order, into same-dtype buckets of at most `bucket_bytes` (a larger
+    parameter gets a bucket of its own)."""
+    buckets: list[list[ParamMeta]] = []
+    current: list[ParamMeta] = []
+    size = 0
+    for m in meta:
+        nbytes = m.numel * torch.empty((), dtype=m.torch_dtype).element_size()
+        if current and (size + nbytes > bucket_bytes or current[0].dtype != m.dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(m)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def resolve_transport(transport: str, on_gpu: bool) -> str:
+    """spec.weightSync.transport with `auto` made concrete."""
+    if transport == "auto":
+        return "nccl" if on_gpu else "gloo"
+    if transport == "nccl" and not on_gpu:
+        raise ValueError("spec.weightSync.transport: nccl needs GPUs; use gloo, object-store or auto on CPU")
+    return transport
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port for a rendezvous store."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _split(flat: torch.Tensor, bucket: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    offset = 0
+    for m in bucket:
+        yield m.name, flat[offset : offset + m.numel].view(m.shape)
+        offset += m.numel
+
+
+@dataclass
+class CollectiveTransport:
+    """One end of the sync group: rank 0 is the trainer, ranks 1..N the rollout engines.
+
+    Picklable until `connect()`, so the driver builds one per member and ships it to its actor.
+    """
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str
+    plan: list[list[ParamMeta]]
+    timeout_s: float
+    _group: Any = None
+
+    def connect(self) -> None:
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=self.timeout_s)
+        store = dist.TCPStore(self.host, self.port, self.world_size, self.rank == 0, timeout=timeout)
+        if self.backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self._group = dist.ProcessGroupNCCL(store, self.rank, self.world_size, options)
+        else:
+            self._group = dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
+
+    def send(self, buckets: Iterable[NamedTensors]) -> None:
+        for bucket in buckets:
+            flat = torch.cat([t.detach().reshape(-1).to(self.device) for _, t in bucket])
+            self._group.broadcast(flat, 0).wait()
+
+    def receive(self, payload: Any, load: Loader) -> None:
+        for bucket in self.plan:
+            flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=self.device)
+            self._group.broadcast(flat, 0).wait()
+            load(_split(flat, bucket))
+
+
+@dataclass
+class ObjectStoreTransport:
+    """The state dict goes through Ray's object store: rank 0 puts it once, engines get it."""
+
+    timeout_s: float
+
+    def connect(self) -> None:
+        return None
+
+    def send(self, buckets: Iterable[NamedTensors]) -> list[Any]:
+        import ray
+
+        state = {name: t.detach().to("cpu", copy=True) for bucket in buckets for name, t in bucket}
+        return [ray.put(state)]  # wrapped in a list so Ray passes the reference, not the value
+
+    def receive(self, payload: Any, load: Loader) -> None:
+        import ray
+
+        state = ray.get(payload[0], timeout=self.timeout_s)
+        load(state.items())
+
+
+def make_transports(
+    transport: str,
+    address: tuple[str, int],
+    engines: int,
+    plan: list[list[ParamMeta]],
+    timeout_s: float,
+) -> tuple[Any, list[Any]]:
+    """The sender (for trainer rank 0) and one receiver per rollout engine."""
+    if transport == "object-store":
+        return ObjectStoreTransport(timeout_s), [ObjectStoreTransport(timeout_s) for _ in range(engines)]
+    backend = "nccl" if transport == "nccl" else "gloo"
+    host, port = address
+    world = engines + 1
+    sender = CollectiveTransport(host, port, 0, world, backend, plan, timeout_s)
+    receivers = [
+        CollectiveTransport(host, port, i + 1, world, backend, plan, timeout_s) for i in range(engines)
+    ]
+    return sender, receivers
