@@ -43,8 +43,11 @@ crd: install
 test: lint typecheck
 	$(PY) -m pytest -q tests
 
+# The end-to-end test alone; keeps the `kubectl get rlhfjobs` transcript the README shows.
+E2E_TRANSCRIPT ?= tests/e2e/artifacts/transcript.txt
+
 e2e: install
-	$(PY) -m pytest -q tests/e2e
+	KUBERLHF_E2E_TRANSCRIPT=$(E2E_TRANSCRIPT) timeout 900 $(PY) -m pytest -q -s tests/e2e
 
 # --- bench: kuberlhf vs TRL, weight sync, operator ------------------------------------------
 # TRL pins its own stack, so it lives in a second venv, built once behind a stamp file that
@@ -70,6 +73,8 @@ $(BENCH_STAMP):
 # prints every run kept under bench/out, this one included, as one table.
 bench: install $(BENCH_STAMP)
 	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --out $(BENCH_OUT)
+	$(PY) bench/weight_sync.py --out $(BENCH_OUT)-weight-sync
+	$(PY) bench/operator.py --out $(BENCH_OUT)-operator
 	$(BENCH_PY) bench/summary.py bench/out/*/results.json
 
 clean:

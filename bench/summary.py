@@ -1,6 +1,7 @@
-"""One table from one or more results.json files written by bench/vs_trl.py.
+"""Tables from results.json files written by bench/vs_trl.py, bench/weight_sync.py and
+bench/operator.py (one table per benchmark, each file placed by its "benchmark" field).
 
-    python bench/summary.py bench/out/*/results.json     (no arguments: the newest run)
+    python bench/summary.py bench/out/*/results.json     (no arguments: the newest run of each)
 
 Uses only the standard library, so any Python can print it.
 """
@@ -58,16 +59,7 @@ def rows_for(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def table(all_results: list[dict[str, Any]]) -> str:
-    header = [
-        "run",
-        "system",
-        "steps",
-        *(title for _, title, _ in COLUMNS),
-        "reward",
-        "steady s/step by phase",
-    ]
-    body = [row for results in all_results for row in rows_for(results)]
+def _layout(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -77,11 +69,121 @@ def table(all_results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def table(all_results: list[dict[str, Any]]) -> str:
+    header = [
+        "run",
+        "system",
+        "steps",
+        *(title for _, title, _ in COLUMNS),
+        "reward",
+        "steady s/step by phase",
+    ]
+    return _layout(header, [row for results in all_results for row in rows_for(results)])
+
+
+# -- bench/weight_sync.py ---------------------------------------------------------------------------
+
+WEIGHT_SYNC_HEADER = ["size", "params", "tensors", "MiB", "mode", "buckets", "s/sync", "MiB/s", "verified"]
+
+
+def weight_sync_cells(row: dict[str, Any]) -> list[str]:
+    """One measured case: median seconds per sync and the bytes/s it implies."""
+    rate = row.get("bytes_per_s")
+    return [
+        row["size"],
+        _cell(row.get("parameters"), "{:,}"),
+        _cell(row.get("tensors"), "{}"),
+        _cell(row["bytes"] / 2**20, "{:.1f}"),
+        row["mode"],
+        _cell(row.get("buckets"), "{}"),
+        _cell(row.get("median_s"), "{:.4f}"),
+        _cell(rate / 2**20 if rate else None, "{:.0f}"),
+        "yes" if row.get("verified") else "NO",
+    ]
+
+
+def weight_sync_line(row: dict[str, Any]) -> str:
+    """A progress line while the benchmark runs (the same cells as the table)."""
+    return "  ".join(f"{title}={cell}" for title, cell in zip(WEIGHT_SYNC_HEADER, weight_sync_cells(row),
+                                                               strict=True))
+
+
+def _speedup_notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for backend, by_bucket in (results.get("bucketed_speedup") or {}).items():
+        for bucket, by_size in by_bucket.items():
+            if by_size:
+                ratios = ", ".join(f"{size} {ratio:.2f}x" for size, ratio in by_size.items())
+                notes.append(f"{results.get('created', '?')}: per-parameter s / {bucket}-bucketed s "
+                             f"({backend}): {ratios}")
+    goal = results.get("goal") or {}
+    if isinstance(goal.get("ratio"), int | float):
+        met = "met" if goal["ratio"] >= goal["target"] else "NOT met"
+        notes.append(f"  goal >= {goal['target']:.0f}x at {goal['size']} ({goal.get('bucket', '?')} "
+                     f"buckets): {goal['ratio']:.2f}x, {met}")
+    if results.get("nccl_skipped"):
+        notes.append(f"  NCCL skipped: {results['nccl_skipped']}")
+    return notes
+
+
+def weight_sync_table(all_results: list[dict[str, Any]]) -> str:
+    body = [[r.get("created", "?"), *weight_sync_cells(row)] for r in all_results for row in r["rows"]]
+    notes = [n for r in all_results for n in _speedup_notes(r)]
+    return "\n".join([_layout(["run", *WEIGHT_SYNC_HEADER], body), *notes])
+
+
+# -- bench/operator.py -------------------------------------------------------------------------------
+
+OPERATOR_COLUMNS = (
+    ("jobs", "jobs", "{}"),
+    ("create_s", "create s", "{:.2f}"),
+    ("all_rayjobs_s", "all RayJobs s", "{:.2f}"),
+    ("latency_p50_s", "p50 s", "{:.2f}"),
+    ("latency_p95_s", "p95 s", "{:.2f}"),
+    ("requests_per_job", "requests/job", "{:.1f}"),
+    ("operator_peak_rss_mib", "peak RSS MiB", "{:.0f}"),
+    ("operator_idle_rss_mib", "idle RSS MiB", "{:.0f}"),
+)
+
+
+def operator_table(all_results: list[dict[str, Any]]) -> str:
+    header = ["run", "create via", *(title for _, title, _ in OPERATOR_COLUMNS), "requests by verb"]
+    body = []
+    for r in all_results:
+        m = r["measured"]
+        verbs = " ".join(f"{verb} {n}" for verb, n in sorted((m.get("requests_by_verb") or {}).items()))
+        body.append([r.get("created", "?"), r.get("config", {}).get("create_via", "?")]
+                    + [_cell(m.get(key), fmt) for key, _, fmt in OPERATOR_COLUMNS] + [verbs or "-"])
+    return _layout(header, body)
+
+
+TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table}
+
+
+def kind(results: dict[str, Any]) -> str:
+    """Which benchmark wrote a results file (files from before the field existed are vs_trl's)."""
+    return str(results.get("benchmark", "vs_trl"))
+
+
+def tables(all_results: list[dict[str, Any]]) -> str:
+    """One table per benchmark kind present, in TABLES order; unknown kinds are named, not dropped."""
+    parts = []
+    for name, render in TABLES.items():
+        mine = [r for r in all_results if kind(r) == name]
+        if mine:
+            parts.append(render(mine))
+    unknown = sorted({kind(r) for r in all_results} - TABLES.keys())
+    if unknown:
+        parts.append(f"(no table for benchmark kind(s): {', '.join(unknown)})")
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str]) -> int:
-    paths = [Path(a) for a in argv] or sorted(OUT.glob("*/results.json"))[-1:]
+    paths = [Path(a) for a in argv] or newest_per_kind(sorted(OUT.glob("*/results.json")))
     if not paths:
         print(
-            f"no results: run bench/vs_trl.py first (it writes {OUT}/<timestamp>/results.json)",
+            f"no results: run bench/vs_trl.py, bench/weight_sync.py or bench/operator.py first "
+            f"(they write {OUT}/<timestamp>[-kind]/results.json)",
             file=sys.stderr,
         )
         return 1
@@ -89,8 +191,16 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"no such results file: {', '.join(missing)}", file=sys.stderr)
         return 1
-    print(table([json.loads(p.read_text()) for p in paths]))
+    print(tables([json.loads(p.read_text()) for p in paths]))
     return 0
+
+
+def newest_per_kind(paths: list[Path]) -> list[Path]:
+    """The last path (in the sorted order given: timestamps sort by time) of each benchmark kind."""
+    newest: dict[str, Path] = {}
+    for path in paths:
+        newest[kind(json.loads(path.read_text()))] = path
+    return sorted(newest.values())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kuberlhf import api
+from kuberlhf.files import find_spec_file
 
 EPILOG = """\
 examples:
@@ -51,7 +52,7 @@ def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
         target, _, name = fn.rpartition(":")
         if not target or not name:
             problems.append(f"spec.reward.function: {fn!r} must look like 'file.py:fn' or 'module:fn'")
-        elif target.endswith(".py") and not (spec_dir / target).is_file():
+        elif target.endswith(".py") and find_spec_file(Path(target), spec_dir) is None:
             problems.append(f"spec.reward.function: file {target!r} not found next to the spec ({spec_dir})")
     return problems
 

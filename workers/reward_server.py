@@ -53,7 +53,21 @@ def parse_score_request(body: Any, max_batch: int) -> tuple[list[str], list[str]
         raise BadRequest(f"length mismatch: {len(prompts)} prompts but {len(completions)} completions")
     if len(prompts) > max_batch:
         raise TooLarge(f"batch of {len(prompts)} exceeds the server's limit of {max_batch}; split it")
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        # Both reach the tokenizer, which fails on these (the model cannot score zero tokens).
+        if not prompt and not completion:
+            raise BadRequest(f"prompts[{i}] and completions[{i}] are both empty: nothing to score")
+        if not _is_unicode(prompt) or not _is_unicode(completion):
+            raise BadRequest(f"prompts[{i}] or completions[{i}] is not valid Unicode (lone surrogate)")
     return prompts, completions
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def token_matches(header: str | None, token: str) -> bool:
@@ -134,6 +148,8 @@ class RewardService:
                 )
             except ValueError:
                 return self.fail(400, "bad_request", "body is not valid JSON")
+            except RecursionError:
+                return self.fail(400, "bad_request", "body is JSON nested too deeply")
             try:
                 prompts, completions = parse_score_request(body, self.max_batch)
             except TooLarge as exc:

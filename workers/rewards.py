@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kuberlhf.api import RewardSpec
+from kuberlhf.files import find_spec_file
 
 RewardFn = Callable[..., list[float]]
 FIELD = "spec.reward.function"
@@ -63,19 +64,13 @@ def _load_module(name: str) -> Any:
 
 
 def _find_file(path: Path, spec_dir: Path) -> Path:
-    """Next to the spec on a laptop; in a cluster the spec sits in a ConfigMap mount, so the same
-    relative path is also looked up on sys.path (the worker image puts its reward folders there)."""
-    if path.is_absolute():
-        candidates = [path]
-    else:
-        candidates = [spec_dir / path, *(Path(p) / path for p in sys.path if p)]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ValueError(
-        f"{FIELD}: file {path} does not exist (relative paths start at {spec_dir}, then sys.path); "
-        "in a cluster, ship it in the worker image on PYTHONPATH or use 'module:fn'"
-    )
+    found = find_spec_file(path, spec_dir)
+    if found is None:
+        raise ValueError(
+            f"{FIELD}: file {path} does not exist (relative paths start at {spec_dir}, then sys.path); "
+            "in a cluster, ship it in the worker image on PYTHONPATH or use 'module:fn'"
+        )
+    return found
 
 
 def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:

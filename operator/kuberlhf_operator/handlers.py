@@ -217,6 +217,10 @@ class Reconciler:
             log.info("RLHFJob %s/%s: created %s", namespace, name, ", ".join(created))
         phase = changed.get("phase") or (body.get("status") or {}).get("phase")
         self.metrics.observe_phase(namespace, name, phase)
+        # RayJob events that came before status.rayJobName was written were dropped by sync_status
+        # (after an operator restart, or when KubeRay is quick): project the RayJob's state now,
+        # or the job would wait in Launching for the RayJob's next change.
+        self.sync_status(namespace, name)
 
     def sync_status(self, namespace: str, job_name: str, rayjob: Obj | None = None) -> None:
         """Project the RayJob / RayCluster state into the RLHFJob's phase and conditions."""

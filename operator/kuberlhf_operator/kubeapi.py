@@ -77,8 +77,9 @@ def retry_delay(attempt: int, retry_after: str | None, rng: random.Random | None
             return min(max(float(retry_after), 0.0), MAX_DELAY_S)
         except ValueError:
             pass
-    base = min(0.1 * 2**attempt, MAX_DELAY_S)
-    return base * (0.5 + 0.5 * (rng or random).random())
+    base = min(0.1 * 2.0**attempt, MAX_DELAY_S)
+    jitter = rng.random() if rng is not None else random.random()
+    return base * (0.5 + 0.5 * jitter)
 
 
 class ApiError(Exception):
@@ -128,7 +129,7 @@ class KubeApi:
             data = response.read()  # type: ignore[no-untyped-call]
             if response.status not in TRANSIENT or attempt == RETRIES:
                 break
-            time.sleep(retry_delay(attempt, response.getheader("Retry-After")))
+            time.sleep(retry_delay(attempt, response.getheader("Retry-After")))  # type: ignore[no-untyped-call]
         decoded = json.loads(data) if data else {}
         if not 200 <= response.status < 300:
             raise ApiError(response.status, decoded.get("message", "") if isinstance(decoded, dict) else "")

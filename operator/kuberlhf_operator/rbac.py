@@ -1,4 +1,4 @@
-"""The driver's identity: a ServiceAccount that may read and patch its own RLHFJob's status, nothing else.
+"""The driver's identity: a ServiceAccount that may patch its own RLHFJob's status, nothing else.
 
 The driver (the RayJob entrypoint, on the head pod) reports progress into RLHFJob.status.
 Pinning the Role to the job's name with resourceNames means a compromised or buggy job can
@@ -15,13 +15,13 @@ from kuberlhf_operator.names import child_names, object_meta
 
 def driver_rules(job: RLHFJob) -> list[dict[str, Any]]:
     name = job.metadata.name
+    # The status reporter merge-patches blind: it never reads, so it is not allowed to.
     return [
-        {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [name], "verbs": ["get"]},
         {
             "apiGroups": [GROUP],
             "resources": [f"{PLURAL}/status"],
             "resourceNames": [name],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         },
     ]
 

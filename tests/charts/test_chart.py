@@ -31,20 +31,19 @@ CUSTOM_KINDS = {"ServiceMonitor"}
 # must grant exactly these.
 DECLARED_NAMESPACED = {
     ("kuberlhf.io", "rlhfjobs"): {"get", "list", "watch", "patch"},
-    ("kuberlhf.io", "rlhfjobs/status"): {"get", "patch"},
-    ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("kuberlhf.io", "rlhfjobs/status"): {"patch"},
+    ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "serviceaccounts"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "configmaps"): {"get", "create", "patch"},
+    ("", "serviceaccounts"): {"get", "create", "patch"},
+    ("", "persistentvolumeclaims"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},
+    ("", "events"): {"create"},
 }
-DECLARED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
-DECLARED_CLUSTER_WIDE = {("", "namespaces"): {"get", "list", "watch"}}
+DECLARED_CLUSTER: dict[tuple[str, str], set[str]] = {}
+DECLARED_CLUSTER_WIDE: dict[tuple[str, str], set[str]] = {}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -165,8 +164,8 @@ def test_cluster_wide_mode_renders_one_cluster_role_with_all_permissions(chart: 
 def test_namespaced_mode_confines_job_permissions_to_the_watched_namespaces(chart: helm.Chart) -> None:
     objects, _ = render(chart, VALUE_SETS["namespaced"])
     expected = rbac_file()
-    [cluster_role] = of_kind(objects, "ClusterRole")
-    assert grants(cluster_role["rules"]) == expected["cluster"], "only the CRD read may be cluster-wide"
+    assert of_kind(objects, "ClusterRole") == [], "namespaced mode needs no cluster-wide right"
+    assert of_kind(objects, "ClusterRoleBinding") == []
     roles = of_kind(objects, "Role")
     bindings = of_kind(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]

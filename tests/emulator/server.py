@@ -29,6 +29,7 @@ import yaml
 from kmock._internal import rendering
 
 from tests.emulator import objects, rbac
+from tests.emulator.faults import FaultPlan
 from tests.emulator.objects import Obj, PatchError
 from tests.emulator.resources import (
     BUILTINS,
@@ -89,6 +90,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     admin_token: str = attrs.field(factory=lambda: secrets.token_hex(16))
     tokens: dict[str, str] = attrs.field(factory=dict)
     superusers: set[str] = attrs.field(factory=lambda: {ADMIN, "kuberay-standin"})
+    faults: FaultPlan = attrs.field(factory=FaultPlan)
     log: list[LoggedRequest] = attrs.field(factory=list, init=False)
     store: dict[tuple[str, str], dict[tuple[str | None, str], Obj]] = attrs.field(factory=dict, init=False)
     types: dict[tuple[str, str, str], ResourceType] = attrs.field(factory=dict, init=False)
@@ -212,10 +214,17 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self.log.append(entry)
         try:
             entry.user = self._user(dict(raw.headers))
-            if where is None or where.plural is None:
+            if where is not None and where.plural is not None:
+                entry.verb = rbac.request_verb(raw.method, where.name is not None, watch)
+            injected = self.faults.intercept(raw.method, path, entry.user, watch)
+            response: aiohttp.web.StreamResponse
+            if injected is not None:
+                response = _json(objects.status_error(injected.status, injected.reason, injected.message),
+                                 injected.status)
+                response.headers.update(injected.headers)
+            elif where is None or where.plural is None:
                 response = self._discovery(path)
             else:
-                entry.verb = rbac.request_verb(raw.method, where.name is not None, watch)
                 response = await self._serve(where, request.body, raw, params, entry, watch)
         except ApiError as exc:
             response = _json(objects.status_error(exc.code, exc.reason, exc.message), exc.code)
@@ -410,10 +419,15 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         columns = list(rtype.columns or []) or None
+        user = self._user(dict(raw.headers))
+        drop_after = self.faults.drop_after(user)
+        sent = 0
 
         async def send(kind: str, obj: Obj) -> None:
+            nonlocal sent
             payload = objects.table([obj], columns, obj["metadata"]["resourceVersion"]) if as_table else obj
             await response.write(json.dumps({"type": kind, "object": payload}).encode() + b"\n")
+            sent += 1
 
         start = params.get("resourceVersion")
         if not start or start == "0":
@@ -422,7 +436,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 await send("ADDED", obj)
         else:
             cursor = int(start)
-            if cursor < self.compacted_rv:
+            if cursor < self.compacted_rv or self.faults.expire_watch(user):
                 gone = objects.status_error(410, "Expired", f"too old resource version: {cursor} "
                                             f"({self.compacted_rv})")
                 await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
@@ -438,6 +452,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 if objects.label_selector_matches(params.get("labelSelector"), meta.get("labels")) and \
                         objects.field_selector_matches(params.get("fieldSelector"), change.obj):
                     await send(change.type, change.obj)
+                if drop_after is not None and sent >= drop_after:
+                    self.faults.dropped()
+                    return response
             if tick is None:
                 self._tick = tick = asyncio.Event()
             try:

@@ -256,7 +256,7 @@ def test_driver_rbac_pins_its_own_job_and_has_no_wildcards() -> None:
         assert rule["resourceNames"] == ["tiny-ppo"]
         for resource in rule["resources"]:
             granted[resource] = sorted(rule["verbs"])
-    assert granted == {"rlhfjobs": ["get"], "rlhfjobs/status": ["get", "patch"]}
+    assert granted == {"rlhfjobs/status": ["patch"]}
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]
     }

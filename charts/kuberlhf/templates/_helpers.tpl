@@ -46,5 +46,5 @@ Usage: include "kuberlhf.rules" (list . "namespaced")
 {{- define "kuberlhf.rules" -}}
 {{- $root := index . 0 -}}
 {{- $rules := $root.Files.Get "files/operator-rbac.yaml" | fromYaml -}}
-{{- toYaml (index $rules (index . 1)) -}}
+{{- with index $rules (index . 1) }}{{ toYaml . }}{{ end -}}
 {{- end -}}

@@ -1,0 +1,172 @@
+"""End to end: `kubectl apply` an RLHFJob → the operator → a RayJob → (KubeRay TEST STAND-IN) a real
+training run → progress in `kubectl get rlhfjobs` → suspend, resume from the checkpoint → a
+trained model on the checkpoint volume → `kubectl delete` removes everything the job owned.
+
+Real: the API emulator process (RBAC enforced), kubectl, the Helm-rendered RBAC, the operator
+process, the training program (local Ray, DeepSpeed on gloo). Stand-ins: the API server itself
+(the emulator) and KubeRay (tests/emulator/kuberay_standin.py + entrypoint_runner.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import Cluster, OperatorProcess, wait_until
+from tests.e2e.entrypoint_runner import REPO, EntrypointRunner
+from tests.e2e.transcript import Transcript
+from tests.emulator.kuberay_standin import KubeRayStandIn
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+EXAMPLE = REPO / "examples" / "tiny-grpo.yaml"
+NAMESPACE = "default"
+OWNED = ("rayjobs,rayclusters,configmaps,serviceaccounts,roles,rolebindings,persistentvolumeclaims,"
+         "networkpolicies")
+START_TIMEOUT_S = 240
+TRAIN_TIMEOUT_S = 300
+
+
+def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    job = json.loads(cluster.kubectl("get", "rlhfjob", name, "-n", NAMESPACE, "-o", "json"))
+    return job.get("status") or {}
+
+
+def owned_objects(cluster: Cluster, name: str) -> set[str]:
+    out = cluster.kubectl("get", OWNED, "-n", NAMESPACE, "-l", f"kuberlhf.io/job={name}", "-o", "name")
+    return set(out.split())
+
+
+def metric_steps(output: Path) -> list[int]:
+    path = output / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def latest_checkpoint(output: Path, checkpoint_path: str) -> Path | None:
+    pointer = output / checkpoint_path / "latest"
+    return output / checkpoint_path / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def keep_transcript(transcript: Transcript, tmp_path: Path) -> str:
+    text = transcript.text()
+    (tmp_path / "transcript.txt").write_text(text)
+    if target := os.environ.get("KUBERLHF_E2E_TRANSCRIPT"):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+    print(f"\n`kubectl get rlhfjobs`, polled every second (changed lines only):\n{text}")
+    return text
+
+
+def test_rlhfjob_trains_suspends_resumes_and_is_cleaned_up_with_least_privilege(
+    cluster: Cluster, operator: OperatorProcess, operator_account: tuple[str, str], kuberay: KubeRayStandIn,
+    runner: EntrypointRunner, tmp_path: Path,
+) -> None:
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    name, total = spec["metadata"]["name"], spec["spec"]["schedule"]["steps"]
+    every = spec["spec"]["checkpoint"]["everySteps"]
+    assert total > every, "the example must checkpoint before its last step for the resume check"
+
+    with Transcript(lambda: cluster.kubectl("get", "rlhfjobs", "-n", NAMESPACE, timeout_s=30)) as transcript:
+        try:
+            cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
+            wait_until(lambda: runner.attempts, START_TIMEOUT_S, "the stand-in to start the entrypoint")
+            [first] = runner.attempts
+            output = Path(first.argv[first.argv.index("--output") + 1])
+            assert output.is_relative_to(runner.workdir / "volumes"), "--output is not on the volume"
+            checkpoint_path = spec["spec"]["checkpoint"]["path"]
+
+            # Train until the first checkpoint is published, then suspend.
+
+            def first_checkpoint() -> Path | None:
+                assert first.returncode is None, f"the driver exited early:\n{first.log.read_text()[-3000:]}"
+                return latest_checkpoint(output, checkpoint_path)
+
+            wait_until(first_checkpoint, START_TIMEOUT_S, f"the first checkpoint ({first.log})", every_s=0.5)
+            cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type", "merge",
+                            "-p", '{"spec":{"suspend":true}}')
+            wait_until(lambda: job_status(cluster, name).get("phase") == "Suspended", 60, "phase Suspended",
+                       every_s=0.5)
+            wait_until(lambda: first.returncode is not None, runner.grace_s + 10, "the suspended run to end")
+            assert first.terminated, "suspending must stop the running entrypoint (SIGTERM)"
+            resumed_from = latest_checkpoint(output, checkpoint_path)
+            assert resumed_from is not None
+            steps_before = metric_steps(output)
+            assert steps_before and max(steps_before) < total, f"suspended too late: {steps_before}"
+
+            cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type", "merge",
+                            "-p", '{"spec":{"suspend":false}}')
+            wait_until(lambda: job_status(cluster, name).get("phase") in ("Succeeded", "Failed"),
+                       TRAIN_TIMEOUT_S, "the resumed job to finish", every_s=1.0)
+            transcript.poll()
+        finally:
+            text = keep_transcript(transcript, tmp_path)
+
+    status = job_status(cluster, name)
+    logs = "\n".join(f"--- {a.log}\n{a.log.read_text()[-2000:]}" for a in runner.attempts)
+    assert len(runner.attempts) == 2, f"expected one run before and one after the suspension:\n{logs}"
+    second = runner.attempts[1]
+    assert status["phase"] == "Succeeded", f"{status}\n{logs}"
+    assert second.returncode == 0 and not second.terminated
+
+    # Progress flowed from the driver into `kubectl get rlhfjobs`: phases in order, a rising step,
+    # a reward, and the step never fell back to the start after the resume.
+    phases = [row["PHASE"] for row in transcript.rows]
+    collapsed = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+    assert collapsed[collapsed.index("Launching"):][:2] == ["Launching", "Running"], text
+    assert "Suspended" in collapsed and collapsed[-1] == "Succeeded", text
+    shown_steps = [int(row["STEP"]) for row in transcript.rows if row["STEP"].isdigit()]
+    assert len(set(shown_steps)) >= 3 and shown_steps[-1] == total, text
+    suspended_at = phases.index("Suspended")
+    before = [int(row["STEP"]) for row in transcript.rows[:suspended_at] if row["STEP"]]
+    assert before == sorted(before), f"the STEP column went backwards while training:\n{text}"
+    assert all(int(row["STEP"]) > 1 for row in transcript.rows[suspended_at:] if row["STEP"]), \
+        f"the STEP column fell back to the start after the resume:\n{text}"
+    assert any(row["REWARD"] for row in transcript.rows if row["PHASE"] == "Running"), text
+    assert status["progress"]["step"] == total and "rewardMean" in status["progress"]
+
+    # Training resumed from the checkpoint, not from zero.
+    steps = metric_steps(output)
+    restart = len(steps_before)
+    checkpoint_step = int(resumed_from.name.split("-")[1])
+    assert steps[restart] == checkpoint_step + 1 > 1, steps
+    assert steps[restart:] == list(range(checkpoint_step + 1, total + 1)), steps
+
+    # A final Hugging Face model on the checkpoint volume.
+    final = latest_checkpoint(output, checkpoint_path)
+    assert final is not None and final.name == f"step-{total:06d}"
+    assert (final / "model" / "config.json").is_file()
+    assert list((final / "model").glob("*.safetensors"))
+
+    # Deleting the RLHFJob removes everything it owned.
+    children = owned_objects(cluster, name)
+    kinds = {child.split("/")[0] for child in children}
+    rbac = "rbac.authorization.k8s.io"
+    assert {"configmap", "serviceaccount", f"role.{rbac}", f"rolebinding.{rbac}", "persistentvolumeclaim",
+            "rayjob.ray.io"} <= kinds, children
+    cluster.kubectl("delete", "rlhfjob", name, "-n", NAMESPACE, "--timeout=60s")
+    wait_until(lambda: not owned_objects(cluster, name), 30, "the job's children to be garbage-collected")
+    assert cluster.kubectl("get", "rlhfjobs", "-n", NAMESPACE, "-o", "name").strip() == ""
+
+    # Least privilege in practice: nothing the operator or the driver did was refused, and the driver
+    # only ever read and patched its own RLHFJob's status.
+    operator.stop()
+    audit = cluster.audit()
+    operator_user = "system:serviceaccount:{}:{}".format(*operator_account)
+    driver_user = f"system:serviceaccount:{NAMESPACE}:{second.service_account}"
+    by_operator = [r for r in audit if r["user"] == operator_user]
+    by_driver = [r for r in audit if r["user"] == driver_user]
+    assert by_operator and by_driver
+    assert not [r for r in audit if r["user"] == "system:anonymous"], "every client must authenticate"
+    assert [r for r in by_operator + by_driver if r["status"] in (401, 403)] == []
+    # (Discovery, such as GET /api, is open to every authenticated identity and names no object.)
+    touched = [r for r in by_driver if r["resource"]]
+    assert {(r["resource"], r["namespace"], r["name"], r["subresource"]) for r in touched} == \
+        {("rlhfjobs", NAMESPACE, name, "status")}, touched
+    assert {r["verb"] for r in touched} <= {"get", "patch"}
+    assert any(r["verb"] == "patch" and r["status"] == 200 for r in touched)
+
