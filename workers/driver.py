@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,11 +91,15 @@ class Driver:
         ray_address: str = "local",
         resume: bool = True,
         callbacks: Sequence[ProgressCallback] = (),
+        on_ray_started: Callable[[], None] | None = None,
     ):
         self.job, self.spec = job, job.spec
         self.spec_dir, self.output_dir = spec_dir, output_dir
         self.total_steps = max_steps if max_steps is not None else self.spec.schedule.steps
         self.ray_address, self.resume = ray_address, resume
+        # Ray installs its own SIGTERM handler in ray.init; this hook lets the caller put its own
+        # back afterwards (a pod's SIGTERM must checkpoint, not kill).
+        self.on_ray_started = on_ray_started
         self.callbacks = list(callbacks)
         self.ckpt_root = ckpt.resolve_root(self.spec.checkpoint.path, output_dir)
         self.stop_requested = False
@@ -316,6 +320,14 @@ class Driver:
         self.last_checkpoint = str(directory)
         return self.last_checkpoint
 
+    def _finished_checkpoint(self) -> tuple[int, str] | None:
+        """(step, path) of the newest checkpoint when it already covers every step to train."""
+        directory = ckpt.latest(self.ckpt_root) if self.resume else None
+        if directory is None:
+            return None
+        step = ckpt.read_state(directory).step
+        return (step, str(directory)) if step >= self.total_steps else None
+
     def _restore(self) -> int:
         """Load the newest checkpoint into every trainer and the sampler; returns its step."""
         import ray
@@ -335,7 +347,12 @@ class Driver:
     def run(self) -> Outcome:
         import ray
 
+        done = self._finished_checkpoint()
+        if done is not None:  # nothing to train: say so without starting a single actor
+            return Outcome("already-complete", done[0], self.total_steps, done[1])
         started_ray = start_ray(self.spec, self.ray_address)
+        if self.on_ray_started is not None:
+            self.on_ray_started()
         try:
             self.setup()
             step = self._restore()

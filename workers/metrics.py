@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +47,9 @@ class JsonlWriter:
 
     def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(_clean({"step": step, **metrics}), sort_keys=True) + "\n")
+            # `time`: wall-clock seconds when the step ended, so runs can be lined up against others.
+            row = {"step": step, "time": round(time.time(), 3), **metrics}
+            f.write(json.dumps(_clean(row), sort_keys=True) + "\n")
 
 
 class TensorBoardWriter:

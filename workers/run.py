@@ -49,12 +49,16 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
 
     from kuberlhf.workers.driver import Driver
     from kuberlhf.workers.metrics import JsonlWriter, PrintProgress, RichProgress, TensorBoardWriter
+    from kuberlhf.workers.status_reporter import from_environment
 
     out = output_dir(job.metadata.name, args.output)
     total = args.max_steps if args.max_steps is not None else job.spec.schedule.steps
     tensorboard = TensorBoardWriter(out / "tensorboard")
     display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress(total)
     callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]
+    reporter = from_environment()  # inside a RayJob: progress into the RLHFJob's status
+    if reporter is not None:
+        callbacks.append(reporter)
     driver = Driver(
         job,
         path.parent,
@@ -67,14 +71,22 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
 
     def stop(signum: int, frame: Any) -> None:
         print(
-            "\nstopping after this step (a checkpoint will be saved); Ctrl-C again to abort",
+            f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint will be saved); "
+            "Ctrl-C again to abort",
             file=sys.stderr,
             flush=True,
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)
         driver.request_stop()
 
+    def catch_stop_signals() -> None:
+        # SIGTERM is how Kubernetes stops a pod (suspend, preemption): checkpoint, then exit.
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    driver.on_ray_started = catch_stop_signals
     previous = signal.signal(signal.SIGINT, stop)
+    previous_term = signal.signal(signal.SIGTERM, stop)
     try:
         outcome = driver.run()
     except ValueError as exc:
@@ -82,7 +94,10 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         return 1
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         tensorboard.close()
+        if reporter is not None:
+            reporter.close()
         if isinstance(display, RichProgress):
             display.close()
     if outcome.status == "already-complete":
