@@ -124,8 +124,13 @@ def test_rlhfjob_trains_suspends_resumes_and_is_cleaned_up_with_least_privilege(
     suspended_at = phases.index("Suspended")
     before = [int(row["STEP"]) for row in transcript.rows[:suspended_at] if row["STEP"]]
     assert before == sorted(before), f"the STEP column went backwards while training:\n{text}"
-    assert all(int(row["STEP"]) > 1 for row in transcript.rows[suspended_at:] if row["STEP"]), \
-        f"the STEP column fell back to the start after the resume:\n{text}"
+    # The driver reports at most every few seconds, so the row that shows "Suspended" may still carry
+    # an older step; what matters is that once the job launches again, the step never drops below
+    # the last step reported before the relaunch (the checkpoint it resumed from).
+    relaunched_at = phases.index("Launching", suspended_at)
+    reached = max(int(row["STEP"]) for row in transcript.rows[:relaunched_at] if row["STEP"])
+    assert all(int(row["STEP"]) >= reached for row in transcript.rows[relaunched_at:] if row["STEP"]), \
+        f"the STEP column fell back after the resume:\n{text}"
     assert any(row["REWARD"] for row in transcript.rows if row["PHASE"] == "Running"), text
     assert status["progress"]["step"] == total and "rewardMean" in status["progress"]
 
