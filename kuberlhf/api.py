@@ -105,7 +105,10 @@ class RewardSpec(_Model):
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding the bearer token for the reward server."
     )
-    timeout_seconds: float = Field(30.0, gt=0, description="Per request to a reward server.")
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="Per request to a reward server; a reward function or model gets "
+        "timeoutSeconds * (maxRetries + 1) per step before the job fails naming it.",
+    )
     max_retries: int = Field(3, ge=0, le=20, description="Retries with backoff before the job fails.")
 
 
@@ -221,6 +224,11 @@ class ScheduleSpec(_Model):
     """How long to train."""
 
     steps: int = Field(100, ge=1, le=10_000_000, description="Training steps (rollout + update).")
+    step_timeout_seconds: float = Field(
+        1800.0, gt=0, le=7 * 86400, description="Longest the driver waits for one phase of a step "
+        "(rollout, reference / critic forward, training) before failing the run with a clear error "
+        "instead of hanging on a stuck worker.",
+    )
 
 
 class Toleration(_Model):

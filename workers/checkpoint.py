@@ -5,6 +5,7 @@ Layout under the checkpoint root:
     latest                  text file naming the newest complete checkpoint (replaced atomically)
     step-000010/
       state.json            step, total steps, sampler position, seed, time
+      rollouts-ahead.json   with rollout.offPolicySteps: rollouts already generated for later steps
       model/                the actor as HF save_pretrained + tokenizer (usable on its own)
       deepspeed/            DeepSpeed checkpoints, tags "actor" and "critic" (optimizer included)
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 LATEST = "latest"
+AHEAD = "rollouts-ahead.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -55,6 +57,18 @@ def write_state(directory: Path, state: TrainingState) -> None:
 def read_state(directory: Path) -> TrainingState:
     data = json.loads((directory / "state.json").read_text())
     return TrainingState(**data)
+
+
+def write_rollouts_ahead(directory: Path, rollouts: list[dict[str, Any]]) -> None:
+    """Rollouts generated for steps after this checkpoint (async pipelining), as JSON: a resumed
+    run trains on exactly the samples an unbroken one would have, which came from older weights
+    than the checkpoint holds and could not be generated again."""
+    (directory / AHEAD).write_text(json.dumps(rollouts))
+
+
+def read_rollouts_ahead(directory: Path) -> list[dict[str, Any]]:
+    path = directory / AHEAD
+    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -17,9 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from kuberlhf.workers import checkpoint as ckpt
-from kuberlhf.workers.generation import GenerationRequest
+from kuberlhf.workers.engine_sync import EngineSync
+from kuberlhf.workers.faults import (
+    ROLLOUT_RETRIES,
+    ActorDied,
+    EngineFault,
+    describe_reward,
+    reward_budget_s,
+    wait_all,
+    wait_ready,
+)
 from kuberlhf.workers.metrics import ProgressCallback
-from kuberlhf.workers.weight_sync import make_transports, plan_buckets, resolve_transport
+from kuberlhf.workers.rollout_queue import (
+    PendingRollout,
+    generation_requests,
+    saved_results,
+    summarize,
+    to_saved,
+)
 
 from kuberlhf import topology
 from kuberlhf.api import RLHFJob, RLHFJobSpec
@@ -35,16 +50,6 @@ class Outcome:
     total_steps: int
     last_checkpoint: str | None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class PendingRollout:
-    """A rollout submitted to the engines, with the sampler position from before its prompts."""
-
-    step: int
-    records: list[dict[str, Any]]
-    refs: list[Any]
-    sampler_before: dict[str, int]
 
 
 def start_ray(spec: RLHFJobSpec, address: str) -> bool:
@@ -66,18 +71,6 @@ def start_ray(spec: RLHFJobSpec, address: str) -> bool:
     else:
         ray.init(address=address)
     return True
-
-
-def rollout_seed(seed: int, step: int, engine: int) -> int:
-    """Sampling seed of one engine at one step: a resumed run samples exactly as an unbroken one."""
-    return (seed * 1_000_003 + step * 7_919 + engine * 104_729) % (2**31 - 1)
-
-
-def split_prompts(records: list[dict[str, Any]], engines: int) -> list[list[dict[str, Any]]]:
-    """Contiguous, near-equal slices of the step's prompts, one per engine (empty ones dropped)."""
-    n = len(records)
-    parts = [records[n * i // engines : n * (i + 1) // engines] for i in range(engines)]
-    return [p for p in parts if p]
 
 
 class Driver:
@@ -105,9 +98,12 @@ class Driver:
         self.stop_requested = False
         self.last_checkpoint: str | None = None
         self._groups: list[Any] = []
-        self.transport = "gloo"
         self._pending: deque[PendingRollout] = deque()
         self.rollouts: list[Any] = []
+        self._rollout_group: Any = None
+        self.engine_sync: Any = None
+        self.synced_step = 0  # updates the rollout engines' weights hold
+        self.step_timeout = self.spec.schedule.step_timeout_seconds
         self.actors: list[Any] = []
         self.critics: list[Any] = []
         self.references: list[Any] = []
@@ -122,7 +118,7 @@ class Driver:
     def setup(self) -> None:
         """Start every actor group, join the trainer worlds and the weight-sync group (run() calls it)."""
         from kuberlhf.workers.data import PromptSampler, load_prompts
-        from kuberlhf.workers.groups import RewardWorker, create_group, threads_per_actor
+        from kuberlhf.workers.groups import RewardWorker, create_group, start_group, threads_per_actor
         from kuberlhf.workers.rollout import ModelRef, RolloutWorker, local_model
         from kuberlhf.workers.trainer import ReferenceWorker, TrainerWorker, train_layout
         from transformers import AutoTokenizer
@@ -153,13 +149,14 @@ class Driver:
         requests = topology.actor_requests(spec)
         name = self.job.metadata.name
         req = requests["rollout"]
-        self.rollouts = create_group(
+        self._rollout_group = start_group(
             RolloutWorker,
             req,
             f"{name}-rollout",
             lambda i: (spec, actor_ref, req.gpus, threads),
             self._groups,
         )
+        self.rollouts = self._rollout_group.actors
         areq = requests["actor"]
         self.actors = create_group(
             TrainerWorker,
@@ -192,60 +189,54 @@ class Driver:
             RewardWorker, reward_req, f"{name}-reward", lambda i: (spec, str(self.spec_dir)), self._groups
         )
 
-        import ray
-
-        ray.get([a.ready.remote() for a in self.rollouts + self.references + self.rewards])
-        worlds = [self.actors] + ([self.critics] if self.critics else [])
-        masters = ray.get([group[0].master_address.remote() for group in worlds])
-        ray.get([w.init_world.remote(m) for group, m in zip(worlds, masters, strict=True) for w in group])
-        self._setup_weight_sync(areq.gpus > 0)
-
-    def _setup_weight_sync(self, on_gpu: bool) -> None:
-        import ray
-
-        sync = self.spec.weight_sync
-        transport = self.transport = resolve_transport(sync.transport, on_gpu)
-        plan = plan_buckets(ray.get(self.actors[0].param_meta.remote()), sync.bucket_m_b * 2**20)
-        address = ray.get(self.actors[0].sync_address.remote()) if transport != "object-store" else ("", 0)
-        sender, receivers = make_transports(
-            transport, address, len(self.rollouts), plan, sync.timeout_seconds
+        hint = "raise spec.schedule.stepTimeoutSeconds if loading the models legitimately takes longer"
+        self._wait(
+            [(f"rollout engine {i}", a) for i, a in enumerate(self.rollouts)]
+            + [(f"reference {i}", a) for i, a in enumerate(self.references)]
+            + [(f"reward worker {i}", a) for i, a in enumerate(self.rewards)],
+            "ready",
+            "starting the workers",
+            hint,
         )
-        ray.get(
-            [self.actors[0].join_weight_sync.remote(sender)]
-            + [r.join_weight_sync.remote(rcv) for r, rcv in zip(self.rollouts, receivers, strict=True)]
+        worlds = [("actor", self.actors)] + ([("critic", self.critics)] if self.critics else [])
+        masters = self._wait(
+            [(role, group[0]) for role, group in worlds], "master_address", "rendezvous", hint
         )
+        wait_all(
+            [
+                (f"{role} rank {i}", w.init_world.remote(m))
+                for (role, group), m in zip(worlds, masters, strict=True)
+                for i, w in enumerate(group)
+            ],
+            self.step_timeout,
+            "starting DeepSpeed",
+            hint,
+        )
+        self.engine_sync = EngineSync(
+            spec, self._rollout_group, self.actors, areq.gpus > 0, self.step_timeout
+        )
+        self.engine_sync.connect()
+
+    def _wait(self, labelled: list[tuple[str, Any]], method: str, what: str, hint: str) -> list[Any]:
+        """Call `method` on every (label, actor) and wait for all, within the step deadline."""
+        calls = [(label, getattr(actor, method).remote()) for label, actor in labelled]
+        return wait_all(calls, self.step_timeout, what, hint)
 
     # -- steps ------------------------------------------------------------------------------------
 
     def sync_weights(self) -> float:
-        import ray
-
-        started = time.perf_counter()
-        sent = [a.send_weights.remote() for a in self.actors]
-        # Object store: engines start once rank 0 has put the weights (Ray resolves the ref first).
-        # Collective: every member must be inside the broadcast at once, so nothing waits on rank 0.
-        payload = sent[0] if self.transport == "object-store" else None
-        received = [r.receive_weights.remote(payload) for r in self.rollouts]
-        ray.get(sent + received, timeout=self.spec.weight_sync.timeout_seconds)
-        return time.perf_counter() - started
+        """Trainer weights → every rollout engine (replacing dead engines); seconds taken."""
+        return self.engine_sync.sync()
 
     def _generate(self, step: int) -> PendingRollout:
-        spec = self.spec
         sampler_before = self.sampler.state()
-        records = self.sampler.next_batch(spec.rollout.prompts_per_step)
-        refs = []
-        for i, part in enumerate(split_prompts(records, len(self.rollouts))):
-            request = GenerationRequest(
-                prompts=[r["prompt"] for r in part],
-                samples_per_prompt=spec.rollout.samples_per_prompt,
-                max_new_tokens=spec.data.max_new_tokens,
-                temperature=spec.rollout.temperature,
-                top_p=spec.rollout.top_p,
-                max_prompt_tokens=spec.data.max_prompt_tokens,
-                seed=rollout_seed(spec.seed, step, i),
-            )
-            refs.append(self.rollouts[i].generate.remote(request))
-        return PendingRollout(step, records, refs, sampler_before)
+        records = self.sampler.next_batch(self.spec.rollout.prompts_per_step)
+        refs, summaries = [], []
+        for i, request in enumerate(generation_requests(self.spec, step, records, len(self.rollouts))):
+            summary, result = self.rollouts[i].rollout.options(num_returns=2).remote(request)
+            refs.append(result)
+            summaries.append((f"rollout engine {i}", summary))
+        return PendingRollout(step, records, refs, summaries, sampler_before, self.synced_step)
 
     def _next_rollout(self, step: int) -> PendingRollout:
         """This step's rollout; with rollout.offPolicySteps = d, also start generating the next d steps'
@@ -259,66 +250,139 @@ class Driver:
         assert pending.step == step, f"rollout queue out of order: {pending.step} != {step}"
         return pending
 
+    def _rollout(self, step: int) -> tuple[PendingRollout, list[dict[str, int]]]:
+        """This step's finished rollout and its summaries. A rollout engine that dies is replaced
+        (up to ROLLOUT_RETRIES times a step) and the step's prompts are generated again with the
+        same seeds, so the data stream neither skips nor repeats."""
+        for attempt in range(ROLLOUT_RETRIES + 1):
+            pending = self._next_rollout(step)
+            try:
+                summaries = wait_all(
+                    pending.summaries,
+                    self.step_timeout,
+                    f"rollout of step {step + 1}",
+                    "raise spec.schedule.stepTimeoutSeconds, or generate fewer / shorter samples per step",
+                )
+                return pending, summaries
+            except ActorDied as exc:
+                if attempt == ROLLOUT_RETRIES:
+                    raise EngineFault(
+                        f"{exc}; gave up after {ROLLOUT_RETRIES} engine replacements in step {step + 1}"
+                    ) from exc
+                print(f"step {step + 1}: {exc}; generating the step again", flush=True)
+                # Queued rollouts are dropped too (they may sit on the dead engine) and redrawn in order.
+                self.sampler.load_state(pending.sampler_before)
+                self._pending.clear()
+                dead = self.engine_sync.dead()
+                if dead:  # none: the engine was only unreachable for a moment
+                    self.engine_sync.replace(dead)
+        raise AssertionError("unreachable")
+
     def sampler_state(self) -> dict[str, int]:
         """The data position after the last trained step (prompts drawn for queued rollouts excluded)."""
         return self._pending[0].sampler_before if self._pending else self.sampler.state()
 
     def train_step(self, step: int) -> dict[str, float]:
         """One full RL step; returns its metrics (the caller adds checkpoints and callbacks)."""
-        import ray
-
         started = time.perf_counter()
-        pending = self._next_rollout(step)
+        restarts_before = self.engine_sync.restarts
+        pending, summaries = self._rollout(step)
         records, rollout_refs = pending.records, pending.refs
-        ray.wait(rollout_refs, num_returns=len(rollout_refs), fetch_local=False)
         t_rollout = time.perf_counter()
+        reward = self.spec.reward
+        rows = len(records) * self.spec.rollout.samples_per_prompt
         reward_ref = self.rewards[0].score.remote(rollout_refs, records, self.spec.rollout.samples_per_prompt)
         ref_refs = [
             r.logprobs.remote(rollout_refs, i, len(self.references)) for i, r in enumerate(self.references)
         ]
         value_refs = [c.values.remote(rollout_refs) for c in self.critics]
-        ray.wait(
-            [reward_ref, *ref_refs, *value_refs],
-            num_returns=1 + len(ref_refs) + len(value_refs),
-            fetch_local=False,
+        wait_all(
+            [(describe_reward(reward), reward_ref)],
+            reward_budget_s(reward, rows),
+            f"scoring step {step + 1} with the {describe_reward(reward)}",
+            f"spec.reward.timeoutSeconds is {reward.timeout_seconds:g}s with maxRetries "
+            f"{reward.max_retries}: make the reward faster or raise them",
+        )
+        wait_ready(
+            [*ref_refs, *value_refs],
+            self.step_timeout,
+            f"reference / critic forward of step {step + 1}",
+            "raise spec.schedule.stepTimeoutSeconds if a step legitimately takes longer",
         )
         t_reward = time.perf_counter()
-        trained = [
-            t.train.remote(rollout_refs, reward_ref, ref_refs, value_refs) for t in self.actors + self.critics
-        ]
-        results = ray.get(trained)
+        trainers = [(f"actor rank {i}", a) for i, a in enumerate(self.actors)]
+        trainers += [(f"critic rank {i}", c) for i, c in enumerate(self.critics)]
+        results = wait_all(
+            [
+                (label, t.train.remote(rollout_refs, reward_ref, ref_refs, value_refs))
+                for label, t in trainers
+            ],
+            self.step_timeout,
+            f"training step {step + 1}",
+            "raise spec.schedule.stepTimeoutSeconds if a step legitimately takes longer",
+        )
         t_train = time.perf_counter()
         sync_s = self.sync_weights()
+        self.synced_step = step + 1
         metrics = dict(results[0])
         if self.critics:
             metrics.update(results[len(self.actors)])
-        rows = len(records) * self.spec.rollout.samples_per_prompt
         metrics.update(
             time_rollout_s=t_rollout - started,
             time_reward_s=t_reward - t_rollout,
             time_train_s=t_train - t_reward,
             time_sync_s=sync_s,
             samples_per_second=rows / (time.perf_counter() - started),
+            # How many updates the trainer is ahead of the weights that sampled this step's rollout.
+            policy_lag=step - pending.weights_step,
+            rollout_restarts=self.engine_sync.restarts - restarts_before,
+            rollout_tokens=sum(s["response_tokens"] for s in summaries),
         )
         return metrics
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self, step: int) -> str:
-        import ray
-
         directory = ckpt.step_dir(self.ckpt_root, step)
         ds_dir, hf_dir = str(directory / "deepspeed"), str(directory / "model")
-        ray.get(
-            [a.save.remote(ds_dir, hf_dir) for a in self.actors]
-            + [c.save.remote(ds_dir, None) for c in self.critics]
+        wait_all(
+            [(f"actor rank {i}", a.save.remote(ds_dir, hf_dir)) for i, a in enumerate(self.actors)]
+            + [(f"critic rank {i}", c.save.remote(ds_dir, None)) for i, c in enumerate(self.critics)],
+            self.step_timeout,
+            f"saving checkpoint {directory}",
+            "check that the checkpoint volume is writable and not full",
         )
+        ahead = [self._snapshot(p) for p in self._pending]
+        extra = {"sampler_ahead": self.sampler.state()} if ahead else {}
+        if ahead:
+            ckpt.write_rollouts_ahead(directory, ahead)
         ckpt.write_state(
-            directory, ckpt.TrainingState(step, self.total_steps, self.sampler_state(), self.spec.seed)
+            directory,
+            ckpt.TrainingState(step, self.total_steps, self.sampler_state(), self.spec.seed, extra),
         )
         ckpt.publish(self.ckpt_root, directory, self.spec.checkpoint.keep)
         self.last_checkpoint = str(directory)
         return self.last_checkpoint
+
+    def _snapshot(self, pending: PendingRollout) -> dict[str, Any]:
+        """A queued rollout as JSON-ready data (fetched once, at checkpoint time only)."""
+        results = wait_all(
+            [(label, ref) for (label, _), ref in zip(pending.summaries, pending.refs, strict=True)],
+            self.step_timeout,
+            f"rollout of step {pending.step + 1} (queued, saved with the checkpoint)",
+            "raise spec.schedule.stepTimeoutSeconds",
+        )
+        return to_saved(pending, results)
+
+    def _unsnapshot(self, saved: dict[str, Any]) -> PendingRollout:
+        import ray
+
+        results = saved_results(saved)
+        summaries = [(f"saved rollout {i}", ray.put(summarize(r))) for i, r in enumerate(results)]
+        refs = [ray.put(r) for r in results]
+        return PendingRollout(
+            saved["step"], saved["records"], refs, summaries, saved["sampler_before"], saved["weights_step"]
+        )
 
     def _finished_checkpoint(self) -> tuple[int, str] | None:
         """(step, path) of the newest checkpoint when it already covers every step to train."""
@@ -330,15 +394,23 @@ class Driver:
 
     def _restore(self) -> int:
         """Load the newest checkpoint into every trainer and the sampler; returns its step."""
-        import ray
-
         directory = ckpt.latest(self.ckpt_root) if self.resume else None
         if directory is None:
             return 0
         state = ckpt.read_state(directory)
-        ray.get([t.load.remote(str(directory / "deepspeed")) for t in self.actors + self.critics])
-        self.sampler.load_state(state.sampler)
+        wait_all(
+            [
+                (f"trainer {i}", t.load.remote(str(directory / "deepspeed")))
+                for i, t in enumerate(self.actors + self.critics)
+            ],
+            self.step_timeout,
+            f"loading checkpoint {directory}",
+            "check that the checkpoint volume is mounted and readable",
+        )
+        self.sampler.load_state(state.extra.get("sampler_ahead", state.sampler))
+        self._pending.extend(self._unsnapshot(s) for s in ckpt.read_rollouts_ahead(directory))
         self.sync_weights()
+        self.synced_step = state.step
         self.last_checkpoint = str(directory)
         return state.step
 
@@ -361,7 +433,17 @@ class Driver:
             history = []
             saved_at = step
             while step < self.total_steps and not self.stop_requested:
-                metrics = self.train_step(step)
+                try:
+                    metrics = self.train_step(step)
+                except (EngineFault, ray.exceptions.RayError) as exc:
+                    # A remote error's text carries its whole traceback: keep the cause's message.
+                    cause = getattr(exc, "cause", None) or exc
+                    what = str(exc) if isinstance(exc, EngineFault) else f"{type(cause).__name__}: {cause}"
+                    raise EngineFault(
+                        f"step {step + 1}/{self.total_steps}: {what}. Training stopped; run the same "
+                        "command again (a RayJob does, up to its backoffLimit) to resume from "
+                        f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}"
+                    ) from exc
                 step += 1
                 if step % self.spec.checkpoint.every_steps == 0 or step == self.total_steps:
                     self.save(step)

@@ -8,6 +8,8 @@ resource (`kuberlhf.io/<role>`), which only that role's pods advertise.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,33 +17,60 @@ from kuberlhf.api import RLHFJobSpec
 from kuberlhf.topology import ActorRequest
 
 
-def create_group(cls: type, request: ActorRequest, name: str, args_for: Any, groups: list[Any]) -> list[Any]:
+@dataclass
+class ActorGroup:
+    """A role's actors and what it takes to start rank i again on its own bundle (a dead rollout
+    engine is replaced in place)."""
+
+    remote_cls: Any
+    request: ActorRequest
+    placement: Any
+    args_for: Callable[[int], tuple[Any, ...]]
+    actors: list[Any] = field(default_factory=list)
+
+    def spawn(self, i: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options: dict[str, Any] = {
+            "num_cpus": 0,
+            "num_gpus": self.request.gpus,
+            "resources": self.request.ray_resources,
+        }
+        if self.placement is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.placement, placement_group_bundle_index=i
+            )
+        return self.remote_cls.options(**options).remote(*self.args_for(i))
+
+    def replace(self, i: int) -> Any:
+        self.actors[i] = self.spawn(i)
+        return self.actors[i]
+
+
+def start_group(
+    cls: type, request: ActorRequest, name: str, args_for: Callable[[int], tuple[Any, ...]], groups: list[Any]
+) -> ActorGroup:
     """`request.count` actors of `cls`, each on its own bundle; `args_for(i)` gives rank i's args.
     The placement group is appended to `groups`, for the caller to remove."""
     import ray
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    remote_cls = ray.remote(cls)
     bundle = request.bundle()
     group = None
     if bundle:
         group = placement_group([bundle] * request.count, strategy="PACK", name=f"{name}-{os.getpid()}")
         groups.append(group)
         ray.get(group.ready(), timeout=600)
-    actors = []
-    for i in range(request.count):
-        options: dict[str, Any] = {
-            "num_cpus": 0,
-            "num_gpus": request.gpus,
-            "resources": request.ray_resources,
-        }
-        if group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=i
-            )
-        actors.append(remote_cls.options(**options).remote(*args_for(i)))
-    return actors
+    actor_group = ActorGroup(ray.remote(cls), request, group, args_for)
+    actor_group.actors = [actor_group.spawn(i) for i in range(request.count)]
+    return actor_group
+
+
+def create_group(
+    cls: type, request: ActorRequest, name: str, args_for: Callable[[int], tuple[Any, ...]], groups: list[Any]
+) -> list[Any]:
+    """The actors of `start_group`, for roles that are never replaced."""
+    return start_group(cls, request, name, args_for, groups).actors
 
 
 def threads_per_actor(spec: RLHFJobSpec, local: bool) -> int:

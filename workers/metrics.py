@@ -39,13 +39,27 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class JsonlWriter:
-    """One JSON object per step; appends, so a resumed run continues the same file."""
+    """One JSON object per step; appends, so a resumed run continues the same file.
+
+    A run that crashed after its last checkpoint redoes those steps when it resumes: their old
+    rows are dropped on the first write, so every step appears once, as finally trained.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._trimmed = False
+
+    def _drop_rows_from(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
+        if not self._trimmed:
+            self._drop_rows_from(step)
+            self._trimmed = True
         with self.path.open("a") as f:
             # `time`: wall-clock seconds when the step ended, so runs can be lined up against others.
             row = {"step": step, "time": round(time.time(), 3), **metrics}

@@ -166,6 +166,15 @@ class RolloutWorker:
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return self.backend.generate(request)
 
+    def rollout(self, request: GenerationRequest) -> tuple[dict[str, int], GenerationResult]:
+        """`generate` plus a small summary, for two return refs: the driver fetches the summary to
+        learn that the rollout is done (or that this engine died) while the result stays in the
+        object store for the reward worker and the trainers."""
+        from kuberlhf.workers.rollout_queue import summarize
+
+        result = self.backend.generate(request)
+        return summarize(result), result
+
     def join_weight_sync(self, receiver: Any) -> None:
         """Connect to the trainer's sync group (blocks until every member joined)."""
         receiver.connect()

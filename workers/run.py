@@ -1,7 +1,9 @@
 """`kuberlhf run FILE`: train one RLHFJob spec, locally on CPU or inside a RayJob.
 
 Exit codes: 0 when every step is trained (or a checkpoint says they already were, which is
-said out loud), 1 for a bad spec, 130 when Ctrl-C stopped the run (after a checkpoint).
+said out loud), 1 for a bad spec, 3 when training failed part-way (a trainer died, a worker
+or the reward timed out: rerunning resumes from the last checkpoint, which is what a RayJob's
+retry does), 130 when Ctrl-C stopped the run (after a checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 from kuberlhf import api
 from kuberlhf.cli import load_job
+
+TRAINING_FAILED = 3
 
 
 def output_dir(job_name: str, requested: str | None) -> Path:
@@ -48,6 +52,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         return 1
 
     from kuberlhf.workers.driver import Driver
+    from kuberlhf.workers.faults import EngineFault
     from kuberlhf.workers.metrics import JsonlWriter, PrintProgress, RichProgress, TensorBoardWriter
     from kuberlhf.workers.status_reporter import from_environment
 
@@ -92,6 +97,9 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
+    except EngineFault as exc:
+        print(f"{job.metadata.name}: training failed: {exc}", file=sys.stderr, flush=True)
+        return TRAINING_FAILED
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)

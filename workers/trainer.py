@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,7 @@ class TrainerWorker:
     def init_world(self, master: tuple[str, int]) -> None:
         """Join the data-parallel world; all ranks must call this concurrently."""
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
         os.environ.update(
@@ -212,6 +214,13 @@ class TrainerWorker:
             model.config.pad_token_id = self.pad_id
         if self.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # As deepspeed.initialize would, but with the step deadline instead of torch's 30 minutes:
+        # a rank stuck in a collective fails with the others instead of holding the job.
+        deepspeed.init_distributed(
+            get_accelerator().communication_backend_name(),
+            verbose=False,
+            timeout=timedelta(seconds=self.spec.schedule.step_timeout_seconds),
+        )
         config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda")
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config

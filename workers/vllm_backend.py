@@ -107,7 +107,8 @@ def split_complete(
     """The tensors ready to load now; parts of a fused module wait in `pending` for the rest.
 
     vLLM reloads a fused module (q/k/v, gate/up) only as a whole: a bucket boundary that splits
-    one would otherwise leave the missing parts uninitialised.
+    one would otherwise leave the missing parts uninitialised. Parked parts are copied: the
+    collective transport hands out views of a buffer the next bucket overwrites.
     """
     ready = []
     for name, tensor in incoming:
@@ -117,7 +118,7 @@ def split_complete(
             continue
         key, size = group
         parts = pending.setdefault(key, [])
-        parts.append((name, tensor))
+        parts.append((name, tensor.clone()))  # a waiting part outlives its bucket's reused buffer
         if len(parts) == size:
             ready.extend(pending.pop(key))
     return ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,17 @@ def test_a_stopped_and_resumed_run_ends_exactly_like_an_unbroken_one(
     final_a, final_b = _weights(unbroken.last_checkpoint), _weights(resumed.last_checkpoint)
     for name, tensor in final_a.items():
         assert torch.allclose(final_b[name], tensor, atol=1e-5), f"{name} differs after resume"
+
+
+def test_metrics_rows_of_redone_steps_are_replaced_not_repeated(tmp_path: Path) -> None:
+    from kuberlhf.workers.metrics import JsonlWriter
+
+    path = tmp_path / "metrics.jsonl"
+    first = JsonlWriter(path)
+    for step in (1, 2, 3, 4):
+        first(step, 4, {"reward_mean": float(step)}, None)
+    resumed = JsonlWriter(path)  # the crash came after step 4; the checkpoint was at step 2
+    for step in (3, 4):
+        resumed(step, 4, {"reward_mean": 10.0 * step}, None)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["reward_mean"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -60,31 +61,39 @@ class _Engine:
             self.params[name].copy_(tensor)
 
 
-def test_gloo_transport_delivers_every_tensor_exactly_in_few_broadcasts():
+def test_gloo_transport_delivers_every_tensor_exactly_in_few_broadcasts_through_one_reused_buffer():
     from kuberlhf.workers.weight_sync import free_address
 
-    weights = _weights()
+    weights = _weights() | {"norm.weight": torch.randn(16).to(torch.bfloat16)}
     plan = plan_buckets([param_meta(n, t) for n, t in weights.items()], bucket_bytes=4096)
-    assert 1 < len(plan) < len(weights)
+    assert 1 < len(plan) < len(weights) and {b[0].dtype for b in plan} == {"float32", "bfloat16"}
     host, port = free_address()
     sender = CollectiveTransport(host, port, 0, 3, "gloo", plan, 30.0)
     receivers = [CollectiveTransport(host, port, r, 3, "gloo", plan, 30.0) for r in (1, 2)]
     engines = [_Engine(weights) for _ in receivers]
+    syncs = [weights, {k: v * 2 - 1 for k, v in weights.items()}]  # the second sync overwrites the first
+    buffers: list[set[int]] = [set(), set()]
 
-    def receive(transport: CollectiveTransport, engine: _Engine) -> None:
+    def receive(transport: CollectiveTransport, engine: _Engine, seen: set[int]) -> None:
         transport.connect()
-        transport.receive(None, engine.load_weights)
+        for _ in syncs:
+            transport.receive(None, engine.load_weights)
+            seen.update(b.data_ptr() for b in transport._buffers)
 
-    threads = [threading.Thread(target=receive, args=pair) for pair in zip(receivers, engines, strict=True)]
+    threads = [
+        threading.Thread(target=receive, args=args) for args in zip(receivers, engines, buffers, strict=True)
+    ]
     for t in threads:
         t.start()
     sender.connect()
-    sender.send([[(m.name, weights[m.name]) for m in bucket] for bucket in plan])
+    for sent in syncs:
+        sender.send([[(m.name, sent[m.name]) for m in bucket] for bucket in plan])
     for t in threads:
         t.join(timeout=30)
-    for engine in engines:
-        assert engine.calls == len(plan)
-        for name, tensor in weights.items():
+    for engine, seen in zip(engines, buffers, strict=True):
+        assert engine.calls == 2 * len(plan)
+        assert len(seen) == 2, "two receive buffers, allocated once and reused"
+        for name, tensor in syncs[-1].items():
             assert torch.equal(engine.params[name], tensor), name
 
 
@@ -105,3 +114,21 @@ def ray_session():
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def test_a_sync_whose_sender_never_sends_times_out_instead_of_hanging():
+    from kuberlhf.workers.weight_sync import free_address
+
+    weights = _weights()
+    plan = plan_buckets([param_meta(n, t) for n, t in weights.items()], bucket_bytes=4096)
+    host, port = free_address()
+    sender = CollectiveTransport(host, port, 0, 2, "gloo", plan, 2.0)
+    receiver = CollectiveTransport(host, port, 1, 2, "gloo", plan, 2.0)
+    joined = threading.Thread(target=sender.connect)
+    joined.start()
+    receiver.connect()
+    joined.join(timeout=30)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?i)timed? ?out"):
+        receiver.receive(None, _Engine(weights).load_weights)  # the trainer is stuck elsewhere
+    assert time.monotonic() - started < 20
