@@ -74,7 +74,7 @@ $(BENCH_STAMP):
 bench: install $(BENCH_STAMP)
 	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --out $(BENCH_OUT)
 	$(PY) bench/weight_sync.py --out $(BENCH_OUT)-weight-sync
-	$(PY) bench/operator.py --out $(BENCH_OUT)-operator
+	$(PY) bench/operator_scale.py --out $(BENCH_OUT)-operator
 	$(BENCH_PY) bench/summary.py bench/out/*/results.json
 
 clean:

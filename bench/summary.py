@@ -1,5 +1,5 @@
 """Tables from results.json files written by bench/vs_trl.py, bench/weight_sync.py and
-bench/operator.py (one table per benchmark, each file placed by its "benchmark" field).
+bench/operator_scale.py (one table per benchmark, each file placed by its "benchmark" field).
 
     python bench/summary.py bench/out/*/results.json     (no arguments: the newest run of each)
 
@@ -132,7 +132,7 @@ def weight_sync_table(all_results: list[dict[str, Any]]) -> str:
     return "\n".join([_layout(["run", *WEIGHT_SYNC_HEADER], body), *notes])
 
 
-# -- bench/operator.py -------------------------------------------------------------------------------
+# -- bench/operator_scale.py -------------------------------------------------------------------------------
 
 OPERATOR_COLUMNS = (
     ("jobs", "jobs", "{}"),
@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or newest_per_kind(sorted(OUT.glob("*/results.json")))
     if not paths:
         print(
-            f"no results: run bench/vs_trl.py, bench/weight_sync.py or bench/operator.py first "
+            f"no results: run bench/vs_trl.py, bench/weight_sync.py or bench/operator_scale.py first "
             f"(they write {OUT}/<timestamp>[-kind]/results.json)",
             file=sys.stderr,
         )

@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import operator as bench_operator  # noqa: E402
+from bench import operator_scale as bench_operator  # noqa: E402
 from bench import stats, summary, weight_sync  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,7 +139,7 @@ def test_nccl_is_skipped_with_a_reason_without_two_gpus():
         assert reason and ("CUDA" in reason or "GPU" in reason)
 
 
-# -- bench/operator.py ------------------------------------------------------------------------------
+# -- bench/operator_scale.py ------------------------------------------------------------------------------
 
 
 def test_job_manifests_are_valid_numbered_copies_of_the_example():

@@ -1,6 +1,6 @@
 """Operator at scale: 100 RLHFJobs created at once, until every RayJob exists.
 
-    .venv/bin/python bench/operator.py [--jobs 100] [--out DIR]
+    .venv/bin/python bench/operator_scale.py [--jobs 100] [--out DIR]
 
 Three processes: the API emulator (tests/emulator, served by this file's `--serve-emulator`
 mode so its request log can be read back), `kuberlhf operator` (the real CLI, authenticated
