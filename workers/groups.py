@@ -75,12 +75,15 @@ def create_group(
 
 def threads_per_actor(spec: RLHFJobSpec, local: bool) -> int:
     """Torch threads per actor. Locally the roles take turns on the same cores, so each gets all of
-    them divided among a group's ranks (which run at the same time); 0 leaves torch's default."""
+    them divided among a group's ranks (which run at the same time); in async mode generation and
+    training overlap, so they split the cores (oversubscribed OpenMP threads spin against each
+    other). 0 leaves torch's default."""
     if not local:
         return 0
     cores = len(os.sched_getaffinity(0))
     busiest = max(spec.actor.replicas, spec.rollout.replicas, spec.critic.replicas if spec.critic else 1)
-    return max(1, cores // busiest)
+    overlapping = 2 if spec.rollout.off_policy_steps > 0 else 1
+    return max(1, cores // (busiest * overlapping))
 
 
 class RewardWorker:
