@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -182,3 +183,23 @@ def load_function(path: Path, name: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"{path} defines no function {name!r}")
     return fn  # type: ignore[no-any-return]
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """The environment every benchmarked child runs in: offline, no telemetry, unbuffered, and
+    (when given) the same thread count for every library."""
+    env = dict(os.environ)
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    else:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+

@@ -14,7 +14,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ SPEC_TEMPLATE = BENCH / "specs" / "gpu-grpo.yaml"
 REWARD_FILE = BENCH / "rewards" / "digits.py"
 KUBERLHF = ROOT / ".venv" / "bin" / "kuberlhf"
 LLAMA_05B = "llama-0.5b"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
 
 
 def workload(quick: bool, device: str) -> dict[str, int]:
@@ -47,16 +49,7 @@ def workload(quick: bool, device: str) -> dict[str, int]:
 
 def child_env(device: str) -> dict[str, str]:
     """Offline, no telemetry; a CPU run hides any GPU so both engines really run on the CPU."""
-    env = dict(os.environ)
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-        PYTHONUNBUFFERED="1",
-    )
+    env = common.child_env()
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -61,22 +60,6 @@ def render_spec(
     spec["seed"] = cfg.seed
     spec["weightSync"]["transport"] = weight_sync
     return doc
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """One environment for both children: offline, no telemetry, the same thread count."""
-    env = dict(os.environ)
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -187,7 +170,7 @@ def run_kuberlhf(
     threads = cfg_threads(cpus)
     record = run_measured(
         pinned([*command, "--quiet", "--no-resume"], cpus),
-        child_env(threads),
+        common.child_env(threads),
         side / "log.txt",
         timeout_s,
         watcher,
@@ -222,7 +205,7 @@ def run_trl(
         *("--out", str(side)),
     ]
     record = run_measured(
-        pinned(command, cpus), child_env(threads), side / "log.txt", timeout_s, lambda: None
+        pinned(command, cpus), common.child_env(threads), side / "log.txt", timeout_s, lambda: None
     )
     rows = stats.trl_steps(read_jsonl(side / "trl_steps.jsonl"), record["started"])
     final = side / "final"
