@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 from kuberlhf.workers import checkpoint as ckpt
 
 pytestmark = pytest.mark.timeout(900)
@@ -42,10 +42,6 @@ def test_relative_checkpoint_paths_live_in_the_output_folder(tmp_path: Path):
     assert ckpt.resolve_root("checkpoints", tmp_path) == tmp_path / "checkpoints"
     assert ckpt.resolve_root("/abs/ckpt", tmp_path) == Path("/abs/ckpt")
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 def _weights(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 from kuberlhf.workers import checkpoint as ckpt
 from kuberlhf.workers.driver import Driver, Outcome
 from kuberlhf.workers.faults import EngineFault, reward_budget_s
@@ -32,10 +32,6 @@ def test_the_reward_deadline_covers_every_attempt_and_a_servers_batches():
     # 300 rows = 5 batches of 64, sent 4 at a time: two waves, each up to 2 attempts + one backoff.
     assert reward_budget_s(server, rows=300) == 2 * (4 + 10)
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 @pytest.fixture(scope="module")

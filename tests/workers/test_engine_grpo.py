@@ -8,16 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 from kuberlhf.workers import checkpoint as ckpt
 from kuberlhf.workers.metrics import REQUIRED_KEYS, JsonlWriter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 def test_grpo_raises_the_mean_reward_and_reports_every_step(

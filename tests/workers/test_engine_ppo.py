@@ -6,14 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 def test_ppo_with_critic_and_reference_raises_the_mean_reward(

@@ -7,14 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 def _closed_port() -> int:

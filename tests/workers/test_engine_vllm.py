@@ -6,14 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_specs import load, local_ray, write_spec
+from engine_specs import load, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 def test_grpo_with_the_vllm_engine_raises_the_mean_reward(ray_session, tiny_model_dir: Path, tmp_path: Path):

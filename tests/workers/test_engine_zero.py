@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_specs import job_dict, local_ray
+from engine_specs import job_dict
 
 from kuberlhf.api import parse_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-
-@pytest.fixture(scope="module")
-def ray_session():
-    yield from local_ray()
 
 
 @pytest.mark.parametrize(

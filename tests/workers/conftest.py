@@ -1,0 +1,12 @@
+"""Fixtures shared by the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+from engine_specs import local_ray
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One private Ray per test module (modules that need a different one override this)."""
+    yield from local_ray()
