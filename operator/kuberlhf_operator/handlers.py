@@ -162,7 +162,13 @@ class Reconciler:
         return existing, False
 
     def reconcile(self, body: Obj) -> None:
-        """Validate, refuse frozen-field edits, create what is missing, apply the mutable knobs."""
+        """Validate, refuse frozen-field edits, create what is missing, apply the mutable knobs.
+
+        A job never launched before (no status.rayJobName) costs one status patch, one create per
+        child and one Event: its launch is recorded (with the projection of a RayJob not yet
+        reporting, which is what KubeRay's first answer would project too) before the RayJob exists,
+        so no RayJob event can arrive unattributed and none needs a read-back.
+        """
         self.metrics.reconciles.labels(trigger="spec").inc()
         meta = body["metadata"]
         namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
@@ -174,53 +180,71 @@ class Reconciler:
             return
         names = child_names(job)
         wanted_spec = spec_to_dict(job.spec)
-        rayjob = self.api.get(object_path("ray.io/v1", "RayJob", namespace, names.rayjob))
-        finished = (body.get("status") or {}).get("phase") in st.TERMINAL_PHASES
-        if rayjob is None and finished:
+        status = body.get("status") or {}
+        launched_before = bool(status.get("rayJobName"))
+        rayjob_path = object_path("ray.io/v1", "RayJob", namespace, names.rayjob)
+        rayjob = self.api.get(rayjob_path) if launched_before else None
+        if rayjob is None and status.get("phase") in st.TERMINAL_PHASES:
             log.info("RLHFJob %s/%s finished and its RayJob is gone: not recreated", namespace, name)
             return
-        applied = ((rayjob or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_SPEC)
-        if applied is not None:
-            frozen = immutable_changes(json.loads(applied), wanted_spec)
-            if frozen:
-                self.refuse(body, "ImmutableFieldChanged",
-                            f"cannot change {', '.join(frozen)} of a launched RLHFJob; revert the change, "
-                            "or delete the RLHFJob and create a new one (it resumes from checkpoints "
-                            "only if it keeps the same checkpoint volume)")
-                return
-        built_rayjob = next(obj for obj in objects if obj["kind"] == "RayJob")
-        applied_now = json.dumps(wanted_spec, sort_keys=True)
-        built_rayjob["metadata"].setdefault("annotations", {})[APPLIED_SPEC] = applied_now
-        uid = meta.get("uid")
-        created = [obj["kind"] for obj in objects if self.ensure(obj, uid)[1]]
-        if rayjob is not None:
-            patch = mutable_patch(rayjob, built_rayjob, job.spec.queue_name is not None, job.spec.suspend)
-            if patch or applied != applied_now:
-                path = object_path("ray.io/v1", "RayJob", namespace, names.rayjob)
-                annotations = {APPLIED_SPEC: applied_now}
-                self.api.merge_patch(path, {"metadata": {"annotations": annotations}, "spec": patch})
-                if "suspend" in patch:
-                    verb = "Suspending" if patch["suspend"] else "Resuming"
-                    self.event(body, "Normal", verb, f"{verb.lower()} RayJob {names.rayjob}")
+        if self._refused_frozen(body, rayjob, wanted_spec):
+            return
 
         def launched(current: Obj) -> Obj:
             result = st.validated(current, True, "Valid", "the spec is valid", now_rfc3339(), generation)
             result["rayJobName"] = names.rayjob
             if current.get("phase") in (None, st.PENDING):
                 result["phase"] = st.LAUNCHING
+            if not launched_before:
+                result.update(st.project({**current, **result}, None, None, now_rfc3339()))
             return result
 
         changed = self.patch_status(body, launched)
+        built_rayjob = next(obj for obj in objects if obj["kind"] == "RayJob")
+        applied_now = json.dumps(wanted_spec, sort_keys=True)
+        built_rayjob["metadata"].setdefault("annotations", {})[APPLIED_SPEC] = applied_now
+        uid = meta.get("uid")
+        created = []
+        for obj in objects:
+            existing, made = self.ensure(obj, uid)
+            if made:
+                created.append(obj["kind"])
+            elif obj is built_rayjob and rayjob is None:
+                # Launched by an operator that stopped before recording it: check it like an edit.
+                rayjob = existing
+                if self._refused_frozen(body, rayjob, wanted_spec):
+                    return
+        if rayjob is not None:
+            applied = (rayjob["metadata"].get("annotations") or {}).get(APPLIED_SPEC)
+            patch = mutable_patch(rayjob, built_rayjob, job.spec.queue_name is not None, job.spec.suspend)
+            if patch or applied != applied_now:
+                annotations = {APPLIED_SPEC: applied_now}
+                self.api.merge_patch(rayjob_path, {"metadata": {"annotations": annotations}, "spec": patch})
+                if "suspend" in patch:
+                    verb = "Suspending" if patch["suspend"] else "Resuming"
+                    self.event(body, "Normal", verb, f"{verb.lower()} RayJob {names.rayjob}")
         if created:
             self.event(body, "Normal", "Launching",
                        f"created {', '.join(created)}; RayJob {names.rayjob} is starting")
             log.info("RLHFJob %s/%s: created %s", namespace, name, ", ".join(created))
-        phase = changed.get("phase") or (body.get("status") or {}).get("phase")
+        phase = changed.get("phase") or status.get("phase")
         self.metrics.observe_phase(namespace, name, phase)
-        # RayJob events that came before status.rayJobName was written were dropped by sync_status
-        # (after an operator restart, or when KubeRay is quick): project the RayJob's state now,
-        # or the job would wait in Launching for the RayJob's next change.
-        self.sync_status(namespace, name)
+        if rayjob is not None:
+            # A RayJob that existed before this reconcile may have reported while status.rayJobName
+            # was unwritten (an operator restart, a quick KubeRay): those events were dropped, so
+            # project its state now, or the job would wait in Launching for its next change.
+            self.sync_status(namespace, name, rayjob)
+
+    def _refused_frozen(self, body: Obj, rayjob: Obj | None, wanted_spec: Obj) -> bool:
+        """Refuse (and say so) an edit of a launched job's frozen fields."""
+        applied = ((rayjob or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_SPEC)
+        frozen = immutable_changes(json.loads(applied), wanted_spec) if applied is not None else []
+        if frozen:
+            self.refuse(body, "ImmutableFieldChanged",
+                        f"cannot change {', '.join(frozen)} of a launched RLHFJob; revert the change, "
+                        "or delete the RLHFJob and create a new one (it resumes from checkpoints "
+                        "only if it keeps the same checkpoint volume)")
+        return bool(frozen)
 
     def sync_status(self, namespace: str, job_name: str, rayjob: Obj | None = None) -> None:
         """Project the RayJob / RayCluster state into the RLHFJob's phase and conditions."""
@@ -285,7 +309,10 @@ def build_registry(api: KubeApi, metrics: Metrics) -> kopf.OperatorRegistry:
     @kopf.on.event("ray.io", "v1", "rayjobs", labels=job_labels, registry=registry)
     def rayjob_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         raw = plain(body)
-        rayjob = None if event.get("type") == "DELETED" else raw
+        deleted = event.get("type") == "DELETED"
+        if not deleted and not raw.get("status"):
+            return  # a RayJob that reports nothing projects as its launch did: nothing to do
+        rayjob = None if deleted else raw
         reconciler.sync_status(raw["metadata"]["namespace"], raw["metadata"]["labels"][JOB_LABEL], rayjob)
 
     @kopf.on.event("ray.io", "v1", "rayclusters", labels=job_labels, registry=registry)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from kuberlhf_operator.handlers import immutable_changes, mutable_patch
 from kuberlhf_operator.kubeapi import OPERATOR_RULES, KubeApi
@@ -180,6 +181,32 @@ def test_operator_restart_mid_job_creates_no_duplicates(cluster: EmulatorHandle,
         after = {kind: [o["metadata"]["uid"] for o in cluster.list(*kind, "default")] for kind in kinds}
         assert after == before
 
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_job_restored_without_its_status_adopts_its_rayjob(
+        edited: bool, cluster: EmulatorHandle, admin: KubeApi) -> None:
+    """A backup restore brings objects back without status: the running RayJob is adopted, never
+    re-created, and a frozen edit made meanwhile is refused against the spec it was launched with."""
+    with running_standin(cluster, runner=sleep_runner(30.0)):
+        with running_operator(cluster):
+            admin.create(tiny_job())
+            wait_for(lambda: job_status(cluster).get("phase") == "Running", what="phase Running")
+        before = cluster.get("ray.io", "rayjobs", "default", "tiny-ray")
+        admin.merge_patch(f"{JOBS}/tiny/status", {"status": None})
+        assert job_status(cluster) == {}
+        if edited:
+            admin.merge_patch(f"{JOBS}/tiny", {"spec": {"algorithm": "rloo"}})
+        with running_operator(cluster):
+            if edited:
+                wait_for(lambda: condition(job_status(cluster), "Validated").get("reason")
+                         == "ImmutableFieldChanged", what="ImmutableFieldChanged")
+                assert "spec.algorithm" in condition(job_status(cluster), "Validated")["message"]
+            else:
+                wait_for(lambda: job_status(cluster).get("phase") == "Running", what="Running again")
+        after = cluster.list("ray.io", "rayjobs", "default")
+    assert [r["metadata"]["uid"] for r in after] == [before["metadata"]["uid"]]
+    assert after[0]["spec"] == before["spec"]
 
 
 def test_operator_needs_nothing_beyond_its_documented_rbac(secured_cluster: EmulatorHandle,

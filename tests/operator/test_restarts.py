@@ -31,7 +31,7 @@ from tests.operator.test_handlers import JOBS, condition, job_status, tiny_job
 RBAC = "rbac.authorization.k8s.io"
 CHILDREN = [("", "configmaps"), ("", "serviceaccounts"), (RBAC, "roles"), (RBAC, "rolebindings"),
             ("", "persistentvolumeclaims"), ("networking.k8s.io", "networkpolicies"), ("ray.io", "rayjobs")]
-KILL_POINTS = ["before-operator-saw-it", "after-children-before-status", "launching", "running", "suspended",
+KILL_POINTS = ["before-operator-saw-it", "after-status-before-rayjob", "launching", "running", "suspended",
                "succeeded", "deleting"]
 PROGRESS = {"step": 7, "totalSteps": 20, "rewardMean": 0.5}
 
@@ -92,15 +92,17 @@ def report_progress(admin: KubeApi) -> None:
 
 def drive_to(point: str, handle: EmulatorHandle, admin: KubeApi, finish: threading.Event) -> None:
     """With the operator up, bring the job to `point`, then return (the caller kills the operator)."""
-    if point == "after-children-before-status":
-        # Hold the status write back for a moment (three 503s, retried) and stop in between.
-        handle.emulator.faults.add(Fault("PATCH", r"/tiny/status$", 503, times=3, user=OPERATOR_USER))
+    if point == "after-status-before-rayjob":
+        # Hold the RayJob create back for a moment (three 503s, retried) and stop in between.
+        handle.emulator.faults.add(Fault("POST", r"/rayjobs$", 503, times=3, user=OPERATOR_USER))
     admin.create(tiny_job())
-    if point == "after-children-before-status":
-        wait_for(lambda: handle.get("ray.io", "rayjobs", "default", "tiny-ray"), what="RayJob")
-        assert phase(handle) is None, "the status was written before the kill point"
+    if point == "after-status-before-rayjob":
+        wait_for(lambda: handle.get("", "configmaps", "default", "tiny-spec"), what="ConfigMap")
+        assert phase(handle) == "Launching", "the launch was not recorded before the children"
+        assert handle.get("ray.io", "rayjobs", "default", "tiny-ray") is None, "past the kill point"
         return
-    wait_for(lambda: phase(handle) in ("Launching", "Running"), what="launched")
+    wait_for(lambda: phase(handle) in ("Launching", "Running")
+             and handle.get("ray.io", "rayjobs", "default", "tiny-ray") is not None, what="launched")
     if point == "launching":
         return
     wait_for(lambda: phase(handle) == "Running", what="phase Running")
@@ -125,9 +127,10 @@ def test_a_restarted_operator_reaches_the_same_end_state(point: str, cluster: Em
         else:
             with operator_process(cluster):
                 drive_to(point, cluster, admin, finish)
-        if point == "after-children-before-status":
+        if point == "after-status-before-rayjob":
             time.sleep(1.0)
-            assert phase(cluster) is None, "the killed operator still wrote the status"
+            assert cluster.get("ray.io", "rayjobs", "default", "tiny-ray") is None, \
+                "the killed operator still created the RayJob"
         # The operator is down: the world moves on without it.
         if point == "suspended":
             admin.merge_patch(f"{JOBS}/tiny", {"spec": {"suspend": False}})
@@ -147,13 +150,15 @@ def test_a_restarted_operator_reaches_the_same_end_state(point: str, cluster: Em
                 time.sleep(0.3)
             else:
                 wait_for(lambda: phase(cluster) == "Running", what="phase Running after the restart")
-            if point in ("before-operator-saw-it", "after-children-before-status", "launching"):
+            if point in ("before-operator-saw-it", "after-status-before-rayjob", "launching"):
                 report_progress(admin)
             finish.set()
             wait_for(lambda: phase(cluster) == "Succeeded", what="phase Succeeded after the restart")
         after = uids(cluster)
 
     assert all(len(v) == 1 for v in after.values()), f"duplicate or missing children: {after}"
+    if point == "after-status-before-rayjob":
+        before["rayjobs"] = after["rayjobs"]  # the one child the killed operator had not created
     if point != "before-operator-saw-it":
         assert after == before, "the restarted operator re-created children"
     status = job_status(cluster)
