@@ -9,6 +9,7 @@ small metrics come back to it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -71,6 +72,10 @@ def start_ray(spec: RLHFJobSpec, address: str) -> bool:
     else:
         ray.init(address=address)
     return True
+
+
+def _import_model_library() -> None:
+    from transformers import AutoTokenizer  # noqa: F401
 
 
 class Driver:
@@ -190,14 +195,8 @@ class Driver:
         )
 
         hint = "raise spec.schedule.stepTimeoutSeconds if loading the models legitimately takes longer"
-        self._wait(
-            [(f"rollout engine {i}", a) for i, a in enumerate(self.rollouts)]
-            + [(f"reference {i}", a) for i, a in enumerate(self.references)]
-            + [(f"reward worker {i}", a) for i, a in enumerate(self.rewards)],
-            "ready",
-            "starting the workers",
-            hint,
-        )
+        # The trainers load their models and join their DeepSpeed worlds while the rollout engines,
+        # references and reward workers start: startup takes the slowest of them, not the sum.
         worlds = [("actor", self.actors)] + ([("critic", self.critics)] if self.critics else [])
         masters = self._wait(
             [(role, group[0]) for role, group in worlds], "master_address", "rendezvous", hint
@@ -207,9 +206,12 @@ class Driver:
                 (f"{role} rank {i}", w.init_world.remote(m))
                 for (role, group), m in zip(worlds, masters, strict=True)
                 for i, w in enumerate(group)
-            ],
+            ]
+            + [(f"rollout engine {i}", a.ready.remote()) for i, a in enumerate(self.rollouts)]
+            + [(f"reference {i}", a.ready.remote()) for i, a in enumerate(self.references)]
+            + [(f"reward worker {i}", a.ready.remote()) for i, a in enumerate(self.rewards)],
             self.step_timeout,
-            "starting DeepSpeed",
+            "starting the workers and DeepSpeed",
             hint,
         )
         self.engine_sync = EngineSync(
@@ -422,7 +424,12 @@ class Driver:
         done = self._finished_checkpoint()
         if done is not None:  # nothing to train: say so without starting a single actor
             return Outcome("already-complete", done[0], self.total_steps, done[1])
+        # ray.init mostly waits for Ray's own processes to come up: import the model library the
+        # driver needs next meanwhile (ray.init itself must stay on the main thread).
+        warm = threading.Thread(target=_import_model_library, name="import-transformers", daemon=True)
+        warm.start()
         started_ray = start_ray(self.spec, self.ray_address)
+        warm.join()
         if self.on_ray_started is not None:
             self.on_ray_started()
         try:
