@@ -6,6 +6,7 @@ both systems are summarised by one definition of startup, steady state and phase
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 # Summary fields compared as kuberlhf / TRL; for samples/s higher is better, for the rest lower.
@@ -91,3 +92,22 @@ def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | No
         a, b = ours.get(key), theirs.get(key)
         out[key] = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
     return out
+
+
+def combine_rounds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's rounds as one summary: the median of every timing (steady phases included),
+    the worst exit code, and the first round's steps and reward curve (the runs are seeded, so
+    every round learns alike; each round's own numbers stay under `rounds`)."""
+    combined = dict(summaries[0])
+    for key in (*COMPARED, "weights_relative_change"):
+        values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
+        combined[key] = statistics.median(values) if values else None
+    phases = {p for s in summaries for p in s.get("steady_phases_s", {})}
+    combined["steady_phases_s"] = {
+        p: statistics.median(s["steady_phases_s"][p] for s in summaries if p in s.get("steady_phases_s", {}))
+        for p in sorted(phases)
+    }
+    combined["exit_code"] = next((s["exit_code"] for s in summaries if s.get("exit_code")), 0)
+    combined["steps_done"] = min(s.get("steps_done", 0) for s in summaries)
+    combined["rounds"] = [{k: v for k, v in s.items() if k != "steps"} for s in summaries]
+    return combined

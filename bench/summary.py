@@ -50,12 +50,14 @@ def rows_for(results: dict[str, Any]) -> list[list[str]]:
             + [_cell(system.get(key), fmt) for key, _, fmt in COLUMNS]
             + [_reward(system), _phases(system)]
         )
-    ratio = results.get("ratios_kuberlhf_over_trl", {})
-    rows.append(
-        [f"{run}", "kuberlhf/TRL", ""]
-        + [_cell(ratio.get(key), "{:.2f}x") for key, _, _ in COLUMNS]
-        + ["", ""]
-    )
+    # Files from before the async run have one ratio, kuberlhf's.
+    ratios = results.get("ratios_over_trl") or {"kuberlhf": results.get("ratios_kuberlhf_over_trl", {})}
+    for name, ratio in ratios.items():
+        rows.append(
+            [f"{run}", f"{name}/TRL", ""]
+            + [_cell(ratio.get(key), "{:.2f}x") for key, _, _ in COLUMNS]
+            + ["", ""]
+        )
     return rows
 
 

@@ -2,10 +2,13 @@
 
     .venv-bench/bin/python bench/vs_trl.py [--steps 20] [--out bench/out/<timestamp>]
 
-Builds one model / tokenizer / prompt file, runs `kuberlhf run` (in .venv) and then
-bench/trl_side.py (in .venv-bench) as child processes pinned with `taskset` to the same
-cores and with the same torch thread count, samples the RSS of each process tree every
-0.2 s, and writes results.json, reward_vs_time.png and a summary table into the output folder.
+Builds one model / tokenizer / prompt file, then runs three systems as child processes pinned
+with `taskset` to the same cores and with the same torch thread count: `kuberlhf run` (in .venv)
+synchronous, bench/trl_side.py (in .venv-bench), and `kuberlhf run` again with
+`rollout.offPolicySteps: 1` (generation of step k+1 overlaps training of step k). TRL runs in the
+middle, so a machine that slows down or speeds up over the run cannot favour both kuberlhf modes.
+Samples the RSS of each process tree every 0.2 s, and writes results.json, reward_vs_time.png
+and a summary table into the output folder.
 Run it with .venv-bench's Python: it needs psutil and matplotlib, which live there.
 """
 
@@ -37,10 +40,16 @@ import summary  # noqa: E402
 POLL_S = 0.2
 SPEC_TEMPLATE = BENCH / "specs" / "grpo-vs-trl.yaml"
 REWARD_FILE = BENCH / "rewards" / "digits.py"
+ASYNC = "kuberlhf-async"
 
 
 def render_spec(
-    template: dict[str, Any], cfg: common.BenchConfig, model: Path, prompts: Path, weight_sync: str
+    template: dict[str, Any],
+    cfg: common.BenchConfig,
+    model: Path,
+    prompts: Path,
+    weight_sync: str,
+    off_policy_steps: int = 0,
 ) -> dict[str, Any]:
     """The template with every shared path and workload number filled in from `cfg`."""
     doc = json.loads(json.dumps(template))
@@ -52,6 +61,7 @@ def render_spec(
         samplesPerPrompt=cfg.samples_per_prompt,
         promptsPerStep=cfg.prompts_per_step,
         temperature=cfg.temperature,
+        offPolicySteps=off_policy_steps,
     )
     spec["actor"].update(learningRate=cfg.learning_rate, microBatchSize=cfg.samples_per_step)
     spec["kl"]["coef"] = cfg.beta
@@ -156,13 +166,16 @@ def run_kuberlhf(
     cpus: str | None,
     timeout_s: float,
     weight_sync: str,
+    off_policy_steps: int = 0,
 ) -> dict[str, Any]:
-    side = out / "kuberlhf"
+    side = out
     side.mkdir(parents=True, exist_ok=True)
     spec_path = side / "spec.yaml"
     template = yaml.safe_load(SPEC_TEMPLATE.read_text())
     spec_path.write_text(
-        yaml.safe_dump(render_spec(template, cfg, model, prompts, weight_sync), sort_keys=False)
+        yaml.safe_dump(
+            render_spec(template, cfg, model, prompts, weight_sync, off_policy_steps), sort_keys=False
+        )
     )
     run_dir = side / "run"
     command = [str(ROOT / ".venv" / "bin" / "kuberlhf"), "run", str(spec_path), "--output", str(run_dir)]
@@ -192,7 +205,7 @@ def run_trl(
     cpus: str | None,
     timeout_s: float,
 ) -> dict[str, Any]:
-    side = out / "trl"
+    side = out
     side.mkdir(parents=True, exist_ok=True)
     config_path = side / "config.json"
     config_path.write_text(json.dumps(cfg.as_dict()))
@@ -215,6 +228,15 @@ def run_trl(
         "log": str(side / "log.txt"),
         "final_model": final if final.is_dir() else None,
     }
+
+
+def round_order(names: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, system) in run order: forwards, then backwards, and so on. A machine that drifts
+    faster or slower during the benchmark then shifts every system alike instead of the last one."""
+    order = []
+    for index in range(rounds):
+        order.extend((index, name) for name in (names if index % 2 == 0 else names[::-1]))
+    return order
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -283,10 +305,18 @@ def main(argv: list[str] | None = None) -> int:
         choices=("auto", "gloo", "object-store"),
         help="kuberlhf's weightSync.transport (auto = gloo on CPU, the default a user gets)",
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per system")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per system and round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs per system, in alternating order (A B C, C B A, ...); medians are reported (default 2)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     cpus = args.cpus or None
     if cpus and shutil.which("taskset") is None:
         parser.error("taskset (util-linux) is not installed: install it, or pass --cpus '' to run unpinned")
@@ -308,30 +338,45 @@ def main(argv: list[str] | None = None) -> int:
     sha = common.build_model(model, cfg)
     prompts = common.write_prompts(shared / "prompts.jsonl", cfg.seed, cfg.prompts)
 
-    records = {}
-    print(f"kuberlhf: {cfg.steps} steps ...", flush=True)
-    records["kuberlhf"] = run_kuberlhf(cfg, out, model, prompts, cpus, args.timeout, args.weight_sync)
-    if common.weights_sha256(model) != sha:
-        raise SystemExit("the shared weights changed during the kuberlhf run; the comparison is void")
-    print(f"TRL: {cfg.steps} steps ...", flush=True)
-    records["trl"] = run_trl(cfg, out, model, prompts, sha, cpus, args.timeout)
+    runners: dict[str, Callable[[Path], dict[str, Any]]] = {
+        "kuberlhf": lambda side: run_kuberlhf(
+            cfg, side, model, prompts, cpus, args.timeout, args.weight_sync
+        ),
+        "trl": lambda side: run_trl(cfg, side, model, prompts, sha, cpus, args.timeout),
+        ASYNC: lambda side: run_kuberlhf(
+            cfg, side, model, prompts, cpus, args.timeout, args.weight_sync, off_policy_steps=1
+        ),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+    for index, name in round_order(list(runners), args.rounds):
+        print(f"{name}: {cfg.steps} steps (round {index + 1}/{args.rounds}) ...", flush=True)
+        record = runners[name](out / name / f"round-{index + 1}")
+        rounds[name].append(summarise_run(record, model, cfg))
+        if common.weights_sha256(model) != sha:
+            raise SystemExit("the shared weights changed during a run; the comparison is void")
 
-    systems = {name: summarise_run(record, model, cfg) for name, record in records.items()}
+    systems = {name: stats.combine_rounds(summaries) for name, summaries in rounds.items()}
     results = {
         "benchmark": "vs_trl",
         "created": stamp,
         "config": cfg.as_dict(),
         "kuberlhf_weight_sync": args.weight_sync,
+        "rounds": args.rounds,
         "machine": {"cpus_pinned": cpus, "logical_cpus": psutil.cpu_count(), "threads": cfg_threads(cpus)},
         "model": {"path": str(model), "sha256": sha, "parameters": common.parameter_count(model)},
         "systems": systems,
-        "ratios_kuberlhf_over_trl": stats.ratios(systems["kuberlhf"], systems["trl"]),
+        "ratios_over_trl": {
+            name: stats.ratios(system, systems["trl"]) for name, system in systems.items() if name != "trl"
+        },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "reward_vs_time.png")
     print(summary.table([results]))
     print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'reward_vs_time.png'}")
-    failed = [n for n, s in systems.items() if s["exit_code"] != 0 or s["steps_done"] != cfg.steps]
+    failed = [
+        name for name, summaries in rounds.items()
+        if any(s["exit_code"] != 0 or s["steps_done"] != cfg.steps for s in summaries)
+    ]
     if failed:
         print(f"incomplete: {', '.join(failed)} (see the logs above)", file=sys.stderr)
         return 1

@@ -227,3 +227,46 @@ def test_without_arguments_the_newest_run_of_each_kind_is_shown(tmp_path: Path):
         path.write_text(json.dumps(results))
         files.append(path)
     assert summary.newest_per_kind(files) == [files[1], files[2], files[3]]
+
+
+def test_vs_trl_table_has_a_ratio_row_for_each_kuberlhf_mode():
+    system = {"exit_code": 0, "steps_done": 2, "steady_samples_per_s": 30.0}
+    results = {"benchmark": "vs_trl", "created": "20261201-130000", "config": {"steps": 2},
+               "systems": {"kuberlhf": system, "trl": system, "kuberlhf-async": system},
+               "ratios_over_trl": {"kuberlhf": {"steady_samples_per_s": 1.04},
+                                   "kuberlhf-async": {"steady_samples_per_s": 1.25}}}
+    lines = summary.tables([results]).splitlines()
+    assert any("kuberlhf/TRL" in line and "1.04x" in line for line in lines)
+    assert any("kuberlhf-async/TRL" in line and "1.25x" in line for line in lines)
+
+
+def test_the_async_run_gets_the_same_spec_but_overlapping_steps():
+    from bench import common, vs_trl
+
+    template = yaml.safe_load(vs_trl.SPEC_TEMPLATE.read_text())
+    cfg = common.BenchConfig()
+    sync = vs_trl.render_spec(template, cfg, Path("/m"), Path("/p.jsonl"), "auto")
+    overlapped = vs_trl.render_spec(template, cfg, Path("/m"), Path("/p.jsonl"), "auto", off_policy_steps=1)
+    assert overlapped["spec"]["rollout"].pop("offPolicySteps") == 1
+    assert sync["spec"]["rollout"].pop("offPolicySteps") == 0
+    assert overlapped == sync
+
+
+def test_rounds_alternate_their_order_so_drift_shifts_every_system_alike():
+    from bench import vs_trl
+
+    order = vs_trl.round_order(["a", "b", "c"], 2)
+    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a")]
+
+
+def test_rounds_combine_into_medians_and_keep_each_round():
+    def one(rate: float, rollout: float, exit_code: int = 0) -> dict[str, object]:
+        return {"exit_code": exit_code, "steps_done": 2, "steady_samples_per_s": rate, "startup_s": rate / 10,
+                "steady_phases_s": {"rollout": rollout}, "steps": [{"step": 1}], "reward_first": 0.1}
+
+    combined = stats.combine_rounds([one(30.0, 0.5), one(36.0, 0.3), one(33.0, 0.4, exit_code=1)])
+    assert combined["steady_samples_per_s"] == 33.0 and combined["startup_s"] == 3.3
+    assert combined["steady_phases_s"] == {"rollout": 0.4}
+    assert combined["exit_code"] == 1, "a failed round fails the system"
+    assert combined["steps"] == [{"step": 1}] and len(combined["rounds"]) == 3
+    assert all("steps" not in r for r in combined["rounds"])
