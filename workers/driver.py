@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from kuberlhf.workers import checkpoint as ckpt
-from kuberlhf.workers.engine_sync import EngineSync
 from kuberlhf.workers.faults import (
     ROLLOUT_RETRIES,
     ActorDied,
@@ -105,7 +104,6 @@ class Driver:
         self._groups: list[Any] = []
         self._pending: deque[PendingRollout] = deque()
         self.rollouts: list[Any] = []
-        self._rollout_group: Any = None
         self.engine_sync: Any = None
         self.synced_step = 0  # updates the rollout engines' weights hold
         self.step_timeout = self.spec.schedule.step_timeout_seconds
@@ -122,107 +120,15 @@ class Driver:
 
     def setup(self) -> None:
         """Start every actor group, join the trainer worlds and the weight-sync group (run() calls it)."""
-        from kuberlhf.workers.data import PromptSampler, load_prompts
-        from kuberlhf.workers.groups import RewardWorker, create_group, start_group, threads_per_actor
-        from kuberlhf.workers.rollout import ModelRef, RolloutWorker, local_model
-        from kuberlhf.workers.trainer import ReferenceWorker, TrainerWorker, train_layout
-        from transformers import AutoTokenizer
-
-        spec = self.spec
-        rows = spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
-        train_layout(rows, spec.actor, "actor")  # bad batch arithmetic fails here, naming the field
-        if spec.critic is not None:
-            train_layout(rows, spec.critic, "critic")
-        # Actors get model references, not paths: each resolves its own copy (in a cluster the
-        # driver's folders are not on the workers' pods). Resolving here first fails fast on a typo.
-        actor_ref = ModelRef(spec.model.actor, "spec.model.actor")
-        tok_ref = (
-            ModelRef(spec.model.tokenizer, "spec.model.tokenizer") if spec.model.tokenizer else actor_ref
-        )
-        critic_ref = ModelRef(spec.model.critic, "spec.model.critic") if spec.model.critic else actor_ref
-        ref_ref = (
-            ModelRef(spec.model.reference, "spec.model.reference") if spec.model.reference else actor_ref
-        )
-        tok_path = local_model(tok_ref)
-        local_model(actor_ref)
-        tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.sampler = PromptSampler(load_prompts(spec.data, self.spec_dir), spec.seed, spec.data.shuffle)
+        from kuberlhf.workers.startup import start_workers
 
         local = self.ray_address == "local"
-        threads = threads_per_actor(spec, local)
-        requests = topology.actor_requests(spec)
-        name = self.job.metadata.name
-        req = requests["rollout"]
-        self._rollout_group = start_group(
-            RolloutWorker,
-            req,
-            f"{name}-rollout",
-            lambda i: (spec, actor_ref, req.gpus, threads),
-            self._groups,
-        )
-        self.rollouts = self._rollout_group.actors
-        areq = requests["actor"]
-        self.actors = create_group(
-            TrainerWorker,
-            areq,
-            f"{name}-actor",
-            lambda i: ("actor", spec, actor_ref, tok_ref, i, areq.gpus, threads, pad_id),
-            self._groups,
-        )
-        if "critic" in requests:
-            creq = requests["critic"]
-            self.critics = create_group(
-                TrainerWorker,
-                creq,
-                f"{name}-critic",
-                lambda i: ("critic", spec, critic_ref, tok_ref, i, creq.gpus, threads, pad_id),
-                self._groups,
-            )
-        if "reference" in requests:
-            rreq = requests["reference"]
-            temperature = spec.rollout.temperature
-            self.references = create_group(
-                ReferenceWorker,
-                rreq,
-                f"{name}-reference",
-                lambda i: (ref_ref, rreq.gpus, threads, pad_id, temperature),
-                self._groups,
-            )
-        reward_req = requests.get("reward") or topology.ActorRequest("reward", 1, 0.0, {})
-        self.rewards = create_group(
-            RewardWorker, reward_req, f"{name}-reward", lambda i: (spec, str(self.spec_dir)), self._groups
-        )
-
-        hint = "raise spec.schedule.stepTimeoutSeconds if loading the models legitimately takes longer"
-        # The trainers load their models and join their DeepSpeed worlds while the rollout engines,
-        # references and reward workers start: startup takes the slowest of them, not the sum.
-        worlds = [("actor", self.actors)] + ([("critic", self.critics)] if self.critics else [])
-        masters = self._wait(
-            [(role, group[0]) for role, group in worlds], "master_address", "rendezvous", hint
-        )
-        wait_all(
-            [
-                (f"{role} rank {i}", w.init_world.remote(m))
-                for (role, group), m in zip(worlds, masters, strict=True)
-                for i, w in enumerate(group)
-            ]
-            + [(f"rollout engine {i}", a.ready.remote()) for i, a in enumerate(self.rollouts)]
-            + [(f"reference {i}", a.ready.remote()) for i, a in enumerate(self.references)]
-            + [(f"reward worker {i}", a.ready.remote()) for i, a in enumerate(self.rewards)],
-            self.step_timeout,
-            "starting the workers and DeepSpeed",
-            hint,
-        )
-        self.engine_sync = EngineSync(
-            spec, self._rollout_group, self.actors, areq.gpus > 0, self.step_timeout
-        )
-        self.engine_sync.connect()
-
-    def _wait(self, labelled: list[tuple[str, Any]], method: str, what: str, hint: str) -> list[Any]:
-        """Call `method` on every (label, actor) and wait for all, within the step deadline."""
-        calls = [(label, getattr(actor, method).remote()) for label, actor in labelled]
-        return wait_all(calls, self.step_timeout, what, hint)
+        workers = start_workers(self.job, self.spec_dir, local, self.step_timeout, self._groups)
+        self.sampler = workers.sampler
+        self.rollouts = workers.rollout_group.actors  # the same list: a replaced engine shows up here
+        self.actors, self.critics = workers.actors, workers.critics
+        self.references, self.rewards = workers.references, workers.rewards
+        self.engine_sync = workers.engine_sync
 
     # -- steps ------------------------------------------------------------------------------------
 
