@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 Scorer = Callable[[list[str], list[str]], list[float]]
@@ -195,6 +196,14 @@ def make_app(service: RewardService, client_max_size: int = 16 * 1024 * 1024) ->
     return app
 
 
+class AccessLog(AbstractAccessLogger):
+    """Method, path, status and seconds: never the query string (a client that puts its token in the
+    URL must not have it written to the pod's log) nor any header."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %d %.3fs", request.method, request.path, response.status, time)
+
+
 async def serve(args: argparse.Namespace, token: str | None) -> None:
     """Listen first, then load the model: liveness passes at once, readiness once scoring works."""
     from kuberlhf.workers.builtin import resolve_model
@@ -204,7 +213,7 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
         return RewardModelScorer(resolve_model(args.model, field="spec.reward.model"), args.device)
 
     service = RewardService(None, token, args.max_batch)
-    runner = web.AppRunner(make_app(service, args.max_body_mb * 1024 * 1024))
+    runner = web.AppRunner(make_app(service, args.max_body_mb * 1024 * 1024), access_log_class=AccessLog)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("listening on %s:%d (auth %s)", args.host, args.port, "on" if token else "off")

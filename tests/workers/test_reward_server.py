@@ -274,12 +274,16 @@ def test_cli_reward_server_serves_with_a_token_and_stops_on_sigterm(reward_model
             RewardModelScorer(reward_model_dir)(["Q: ", "Q: "], ["1 2 3 4", "the cat"]), abs=1e-5
         )
         assert post(f"{url}/score", json.dumps({"prompts": ["a"], "completions": ["b"]}).encode())[0] == 401
+        # A token misplaced in the URL: refused, and the access log keeps the path only.
+        body = json.dumps({"prompts": ["a"], "completions": ["b"]}).encode()
+        assert post(f"{url}/score?token=tok-123", body)[0] == 401
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "tok-123" not in output and "the cat" not in output
     assert "auth on" in output
+    assert "POST /score 401" in output, "requests are still logged, without their query"
 
 
 def test_a_failing_reward_model_gives_500_and_the_client_gives_up_after_its_retries() -> None:
