@@ -56,6 +56,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed-trl-1.16.0-torch-2.13.0
 BENCH_STEPS ?= 20
+BENCH_ROUNDS ?= 3
 ifndef BENCH_OUT
 BENCH_OUT := bench/out/$(shell date -u +%Y%m%d-%H%M%S)
 endif
@@ -72,7 +73,7 @@ $(BENCH_STAMP):
 # Sequential runs pinned to cores 0-1 (bench/README.md): use a quiet machine. The second line
 # prints every run kept under bench/out, this one included, as one table.
 bench: install $(BENCH_STAMP)
-	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --out $(BENCH_OUT)
+	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --rounds $(BENCH_ROUNDS) --out $(BENCH_OUT)
 	$(PY) bench/weight_sync.py --out $(BENCH_OUT)-weight-sync
 	$(PY) bench/operator_scale.py --out $(BENCH_OUT)-operator
 	$(BENCH_PY) bench/summary.py bench/out/*/results.json
