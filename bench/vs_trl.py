@@ -160,7 +160,7 @@ def pinned(command: list[str], cpus: str | None) -> list[str]:
 
 def run_kuberlhf(
     cfg: common.BenchConfig,
-    out: Path,
+    side: Path,
     model: Path,
     prompts: Path,
     cpus: str | None,
@@ -168,7 +168,6 @@ def run_kuberlhf(
     weight_sync: str,
     off_policy_steps: int = 0,
 ) -> dict[str, Any]:
-    side = out
     side.mkdir(parents=True, exist_ok=True)
     spec_path = side / "spec.yaml"
     template = yaml.safe_load(SPEC_TEMPLATE.read_text())
@@ -198,14 +197,13 @@ def run_kuberlhf(
 
 def run_trl(
     cfg: common.BenchConfig,
-    out: Path,
+    side: Path,
     model: Path,
     prompts: Path,
     sha: str,
     cpus: str | None,
     timeout_s: float,
 ) -> dict[str, Any]:
-    side = out
     side.mkdir(parents=True, exist_ok=True)
     config_path = side / "config.json"
     config_path.write_text(json.dumps(cfg.as_dict()))
