@@ -183,6 +183,35 @@ def test_operator_restart_mid_job_creates_no_duplicates(cluster: EmulatorHandle,
 
 
 
+def settled_requests(cluster: EmulatorHandle) -> int:
+    """The operator's request count once it has made none for a second."""
+    counts = [-1]
+
+    def quiet() -> bool:
+        time.sleep(1.0)
+        counts.append(len(cluster.requests(OPERATOR_USER)))
+        return counts[-1] == counts[-2]
+
+    wait_for(quiet, what="the operator going quiet")
+    return counts[-1]
+
+
+def test_launching_a_new_job_costs_ten_requests_and_reads_nothing(cluster: EmulatorHandle,
+                                                                  admin: KubeApi) -> None:
+    """Seven creates, the Launching Event, the launch's status patch and kopf's annotation patch:
+    the per-job budget bench/operator_scale.py measures at 100 jobs."""
+    with running_operator(cluster):
+        seen = settled_requests(cluster)  # start-up discovery, lists and watches are not the job's
+        admin.create(tiny_job())
+        wait_for(lambda: cluster.get("ray.io", "rayjobs", "default", "tiny-ray"), what="RayJob")
+        settled = settled_requests(cluster)
+        made = [(r.method, r.resource) for r in cluster.requests(OPERATOR_USER)[seen:settled]]
+    assert collections.Counter(made) == collections.Counter(
+        [("POST", plural) for plural in ("serviceaccounts", "roles", "rolebindings", "persistentvolumeclaims",
+                                         "configmaps", "networkpolicies", "rayjobs", "events")]
+        + [("PATCH", "rlhfjobs")] * 2)
+
+
 @pytest.mark.parametrize("edited", [False, True])
 def test_a_job_restored_without_its_status_adopts_its_rayjob(
         edited: bool, cluster: EmulatorHandle, admin: KubeApi) -> None:
