@@ -82,8 +82,12 @@ def test_a_stopped_and_resumed_run_ends_exactly_like_an_unbroken_one(
     for h_unbroken, h_resumed in zip(unbroken.history[2:], resumed.history, strict=True):
         assert h_resumed["reward_mean"] == pytest.approx(h_unbroken["reward_mean"], abs=1e-6)
     final_a, final_b = _weights(unbroken.last_checkpoint), _weights(resumed.last_checkpoint)
-    for name, tensor in final_a.items():
-        assert torch.allclose(final_b[name], tensor, atol=1e-5), f"{name} differs after resume"
+    # Bit-exact in every standalone run so far; the message carries what a rare divergence needs
+    # to be told apart (the worst tensor, and whether the rollouts' log-probs drifted).
+    keys = ("reward_mean", "policy_loss", "approx_kl", "clip_fraction")
+    steps = [[{k: h.get(k) for k in keys} for h in run] for run in (unbroken.history[2:], resumed.history)]
+    worst = max((float((final_b[name] - tensor).abs().max()), name) for name, tensor in final_a.items())
+    assert worst[0] <= 1e-5, f"weights differ after resume: max |diff| {worst}; steps 3-4 {steps}"
 
 
 def test_metrics_rows_of_redone_steps_are_replaced_not_repeated(tmp_path: Path) -> None:
