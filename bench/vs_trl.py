@@ -1,12 +1,12 @@
 """kuberlhf against TRL's GRPOTrainer: the same GRPO work, one after the other, on the same cores.
 
-    .venv-bench/bin/python bench/vs_trl.py [--steps 20] [--out bench/out/<timestamp>]
+    .venv-bench/bin/python bench/vs_trl.py [--steps 20] [--rounds 2] [--out bench/out/<timestamp>]
 
 Builds one model / tokenizer / prompt file, then runs three systems as child processes pinned
 with `taskset` to the same cores and with the same torch thread count: `kuberlhf run` (in .venv)
 synchronous, bench/trl_side.py (in .venv-bench), and `kuberlhf run` again with
-`rollout.offPolicySteps: 1` (generation of step k+1 overlaps training of step k). TRL runs in the
-middle, so a machine that slows down or speeds up over the run cannot favour both kuberlhf modes.
+`rollout.offPolicySteps: 1` (generation of step k+1 overlaps training of step k), in rounds
+whose order alternates (see `round_order`), and reports each system's medians over its rounds.
 Samples the RSS of each process tree every 0.2 s, and writes results.json, reward_vs_time.png
 and a summary table into the output folder.
 Run it with .venv-bench's Python: it needs psutil and matplotlib, which live there.
