@@ -77,8 +77,9 @@ def build_llama_05b(dest: Path) -> Path:
     """A ~0.48B Llama (random weights, bf16) with SmolLM2's tokenizer: big enough that generation is
     compute-bound on a GPU, built here because the machine cannot download one."""
     import torch
-    from kuberlhf.workers.builtin import resolve_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kuberlhf_workers.base.builtin import resolve_model
 
     if (dest / "config.json").is_file():
         return dest
@@ -105,17 +106,18 @@ def measure_rollout(engine: str, model_dir: str, device: str, sizes: dict[str, i
     `repeats` timed ones of the same request; the median is reported."""
     import torch
     from common import prompt_records
-    from kuberlhf.workers.generation import GenerationRequest
+
+    from kuberlhf_workers.base.samples import GenerationRequest
 
     started = time.perf_counter()
     if engine == "vllm":
-        from kuberlhf.workers.vllm_backend import VLLMBackend
+        from kuberlhf_workers.rollout.vllm_engine import VLLMBackend
 
         config = json.loads((Path(model_dir) / "config.json").read_text())
         longest = min(1024, config.get("max_position_embeddings") or 1024)
         backend: Any = VLLMBackend(model_dir, gpu_memory_utilization=0.5, seed=0, max_model_len=longest)
     else:
-        from kuberlhf.workers.rollout import HFBackend
+        from kuberlhf_workers.rollout.hf import HFBackend
 
         backend = HFBackend(model_dir, torch.device(device))
     load_s = time.perf_counter() - started
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = workload(args.quick, args.device)
     gpu_count = torch.cuda.device_count() if args.device == "cuda" else 0
 
-    from kuberlhf.workers.builtin import resolve_model
+    from kuberlhf_workers.base.builtin import resolve_model
 
     model_ref = str(build_llama_05b(out / LLAMA_05B)) if args.build_llama else args.model
     model_dir = str(resolve_model(model_ref, field="--model"))

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/weight_sync.py [--sizes 1M,10M,50M,100M] [--quick] [--out DIR]
 
-Drives the project's own transports (kuberlhf.workers.weight_sync) the way a training step
+Drives the project's own transports (kuberlhf_workers.base.transports) the way a training step
 does, with fp32 tensors shaped like a Qwen2-style transformer (embeddings, per-layer q/k/v/o
 with biases, MLP, norms, head):
 
@@ -194,7 +194,7 @@ def _weights(size: str, device: Any, seed: int = 0) -> dict[str, Any]:
 
 
 def _plan(size: str, bucket_bytes: int) -> list[list[Any]]:
-    from kuberlhf.workers.weight_sync import ParamMeta, plan_buckets
+    from kuberlhf_workers.base.transports import ParamMeta, plan_buckets
 
     meta = [ParamMeta(n, s, "float32") for n, s in transformer_shapes(SIZES[size])]
     plan: list[list[Any]] = plan_buckets(meta, bucket_bytes)
@@ -242,7 +242,8 @@ def receive_case(conn: Connection, size: str, mode: str, backend: str, bucket_by
     """One case on the engine side: acknowledge each sync once every tensor is loaded, then send
     the fingerprint of what arrived."""
     import torch
-    from kuberlhf.workers.weight_sync import CollectiveTransport
+
+    from kuberlhf_workers.base.transports import CollectiveTransport
 
     device = _device(backend, 1)
     params = {n: torch.zeros(s, device=device) for n, s in transformer_shapes(SIZES[size])}
@@ -277,7 +278,8 @@ def run_collective(
     """Rank 0 of one case: `warmup` untimed syncs, then `repeats` timed ones. `bucket_mb` 0 means
     one parameter per bucket."""
     import torch
-    from kuberlhf.workers.weight_sync import CollectiveTransport
+
+    from kuberlhf_workers.base.transports import CollectiveTransport
 
     port = free_port()
     bucket_bytes = bucket_mb * 2**20 or 1
@@ -320,7 +322,8 @@ def run_object_store(sizes: list[str], warmup: int, repeats: int) -> list[dict[s
     """ObjectStoreTransport between a trainer actor and an engine actor on a private local Ray."""
     import ray
     import torch
-    from kuberlhf.workers.weight_sync import ObjectStoreTransport
+
+    from kuberlhf_workers.base.transports import ObjectStoreTransport
 
     @ray.remote(num_cpus=1)
     class Trainer:

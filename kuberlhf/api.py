@@ -26,8 +26,42 @@ SINGULAR = "rlhfjob"
 SHORT_NAMES = ["rlhf"]
 
 Algorithm = Literal["ppo", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo", "dr_grpo"]
-# Estimators whose baseline comes from the other samples of the same prompt.
-GROUP_ALGORITHMS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp_baseline", "dr_grpo")
+# How per-token losses become one number (see kuberlhf_workers.training.algorithms.aggregate).
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+# The controller program that trains an algorithm (`kuberlhf run` picks it from the spec).
+Program = Literal["rl"]
+RolloutEngine = Literal["hf", "vllm"]
+WeightTransportName = Literal["nccl", "gloo", "object-store"]
+WeightTransportChoice = Literal["auto", "nccl", "gloo", "object-store"]
+RewardSource = Literal["function", "model", "url"]
+# The objectives a DeepSpeed trainer group can optimise, by the role that runs them.
+TrainerRole = Literal["actor", "critic"]
+
+
+@dataclass(frozen=True)
+class AlgorithmTraits:
+    """What the rest of the system must know about an algorithm: which groups it needs, how its
+    loss is aggregated and which program trains it. The CEL rules, the topology and the loss all
+    read this table, so adding an algorithm is a row here plus its estimator function."""
+
+    critic: bool  # trains a value model (GAE needs one)
+    group_baseline: bool  # baselines each reward against the other samples of its prompt
+    aggregation: Aggregation
+    program: Program = "rl"
+
+
+ALGORITHMS: dict[Algorithm, AlgorithmTraits] = {
+    "ppo": AlgorithmTraits(critic=True, group_baseline=False, aggregation="token-mean"),
+    # The GRPO paper: mean over tokens, then over completions.
+    "grpo": AlgorithmTraits(critic=False, group_baseline=True, aggregation="seq-mean-token-mean"),
+    "reinforce_pp": AlgorithmTraits(critic=False, group_baseline=False, aggregation="token-mean"),
+    "reinforce_pp_baseline": AlgorithmTraits(critic=False, group_baseline=True, aggregation="token-mean"),
+    "rloo": AlgorithmTraits(critic=False, group_baseline=True, aggregation="token-mean"),
+    # Dr. GRPO: a constant divisor removes the length bias.
+    "dr_grpo": AlgorithmTraits(critic=False, group_baseline=True, aggregation="seq-mean-token-sum-norm"),
+}
+GROUP_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if t.group_baseline)
+CRITIC_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if t.critic)
 Phase = Literal["Pending", "Launching", "Running", "Suspended", "Succeeded", "Failed"]
 
 # Children are named "<job>-<suffix>" and KubeRay appends its own suffixes to the
@@ -111,6 +145,11 @@ class RewardSpec(_Model):
     )
     max_retries: int = Field(3, ge=0, le=20, description="Retries with backoff before the job fails.")
 
+    def sources(self) -> list[RewardSource]:
+        """The reward sources set (a valid spec sets exactly one)."""
+        chosen: list[RewardSource] = ["function", "model", "url"]
+        return [k for k in chosen if getattr(self, k) is not None]
+
 
 class DataSpec(_Model):
     """The prompts to train on."""
@@ -127,7 +166,7 @@ class DataSpec(_Model):
 class RolloutSpec(_Model):
     """Generation engines."""
 
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf (transformers generate) or vllm.")
+    engine: RolloutEngine = Field("hf", description="hf (transformers generate) or vllm.")
     replicas: int = Field(1, ge=1, le=512, description="Number of engines.")
     resources: Resources = Field(default_factory=Resources, description="Per engine.")
     tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs one vLLM engine spans.")
@@ -194,10 +233,10 @@ class LossSpec(_Model):
 class WeightSyncSpec(_Model):
     """How updated weights travel from trainer rank 0 to the rollout engines."""
 
-    transport: Literal["auto", "nccl", "gloo", "object-store"] = Field(
-        "auto", description="auto picks nccl on GPU and gloo on CPU."
+    transport: WeightTransportChoice = Field("auto", description="auto picks nccl on GPU and gloo on CPU.")
+    bucket_mb: int = Field(
+        64, ge=1, le=4096, alias="bucketMB", description="Parameters are sent in buckets of this many MiB."
     )
-    bucket_m_b: int = Field(64, ge=1, le=4096, description="Parameters are sent in buckets this large.")
     timeout_seconds: float = Field(600.0, gt=0, description="A sync that takes longer fails the step.")
 
 
@@ -348,27 +387,34 @@ def _total_gpus(replicas: int, resources: Resources) -> int:
     return replicas * resources.gpus
 
 
-_GROUPS_CEL = "[" + ", ".join(f"'{a}'" for a in GROUP_ALGORITHMS) + "]"
+def _cel_list(names: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
+_GROUPS_CEL = _cel_list(GROUP_ALGORITHMS)
+_CRITIC_CEL = _cel_list(CRITIC_ALGORITHMS)
+_CRITIC_NAMES = " or ".join(CRITIC_ALGORITHMS)
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         cel=f"!(self.algorithm in {_GROUPS_CEL}) || self.rollout.samplesPerPrompt > 1",
         field="spec.rollout.samplesPerPrompt",
-        message="group estimators (grpo, rloo, reinforce_pp_baseline, dr_grpo) compare samples "
+        message=f"group estimators ({', '.join(GROUP_ALGORITHMS)}) compare samples "
         "of the same prompt: set rollout.samplesPerPrompt to 2 or more",
-        holds=lambda s: s.algorithm not in GROUP_ALGORITHMS or s.rollout.samples_per_prompt > 1,
+        holds=lambda s: not ALGORITHMS[s.algorithm].group_baseline or s.rollout.samples_per_prompt > 1,
     ),
     CrossFieldRule(
-        cel="!has(self.critic) || self.algorithm == 'ppo'",
+        cel=f"!has(self.critic) || self.algorithm in {_CRITIC_CEL}",
         field="spec.critic",
-        message="only ppo trains a critic: remove spec.critic or set algorithm: ppo",
-        holds=lambda s: s.critic is None or s.algorithm == "ppo",
+        message=f"only {_CRITIC_NAMES} trains a critic: remove spec.critic or set algorithm: {_CRITIC_NAMES}",
+        holds=lambda s: s.critic is None or ALGORITHMS[s.algorithm].critic,
     ),
     CrossFieldRule(
-        cel="!has(self.model.critic) || self.algorithm == 'ppo'",
+        cel=f"!has(self.model.critic) || self.algorithm in {_CRITIC_CEL}",
         field="spec.model.critic",
-        message="only ppo uses a critic model: remove spec.model.critic or set algorithm: ppo",
-        holds=lambda s: s.model.critic is None or s.algorithm == "ppo",
+        message=f"only {_CRITIC_NAMES} uses a critic model: remove spec.model.critic or set "
+        f"algorithm: {_CRITIC_NAMES}",
+        holds=lambda s: s.model.critic is None or ALGORITHMS[s.algorithm].critic,
     ),
     CrossFieldRule(
         cel="self.placement != 'colocate' || "
@@ -394,8 +440,7 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         "(has(self.reward.url) ? 1 : 0) == 1",
         field="spec.reward",
         message="set exactly one of reward.function, reward.model or reward.url",
-        holds=lambda s: sum(x is not None for x in (s.reward.function, s.reward.model, s.reward.url))
-        == 1,
+        holds=lambda s: len(s.reward.sources()) == 1,
     ),
     CrossFieldRule(
         cel="self.rollout.tensorParallelSize == 1 || "

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from kuberlhf import api
-from kuberlhf.files import find_spec_file
+from kuberlhf.specfile import load_documents, load_job, local_problems
 
 EPILOG = """\
 examples:
@@ -25,48 +24,6 @@ examples:
   kuberlhf crd | kubectl apply -f -              install the RLHFJob CustomResourceDefinition
   kuberlhf operator --namespace team-a           run the operator (normally via the Helm chart)
 """
-
-
-def load_documents(path: Path) -> list[Any]:
-    """All YAML documents of a file; a file that is not YAML becomes a SpecError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise api.SpecError([f"{path}: cannot read ({exc.strerror})"]) from None
-    except UnicodeDecodeError as exc:
-        raise api.SpecError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        # PyYAML's message spans several lines (with a source excerpt): keep one line per problem.
-        raise api.SpecError([f"{path}: not valid YAML: {' '.join(str(exc).split())}"]) from None
-    except RecursionError:
-        raise api.SpecError([f"{path}: not valid YAML: nested too deeply"]) from None
-
-
-def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
-    """Checks only a laptop can make: files the spec points at must exist."""
-    problems = []
-    fn = job.spec.reward.function
-    if fn is not None:
-        target, _, name = fn.rpartition(":")
-        if not target or not name:
-            problems.append(f"spec.reward.function: {fn!r} must look like 'file.py:fn' or 'module:fn'")
-        elif target.endswith(".py") and find_spec_file(Path(target), spec_dir) is None:
-            problems.append(f"spec.reward.function: file {target!r} not found next to the spec ({spec_dir})")
-    return problems
-
-
-def load_job(path: Path, check_files: bool = True) -> api.RLHFJob:
-    """Read and validate a single-RLHFJob file, raising SpecError with every problem."""
-    docs = load_documents(path)
-    if len(docs) != 1:
-        raise api.SpecError([f"{path}: expected exactly one RLHFJob document, found {len(docs)}"])
-    job = api.parse_job(docs[0])
-    problems = local_problems(job, path.parent) if check_files else []
-    if problems:
-        raise api.SpecError(problems)
-    return job
 
 
 class _ReadableDumper(yaml.SafeDumper):
@@ -135,7 +92,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kuberlhf.workers import run
+    from kuberlhf_workers.control import run
 
     return int(run.main(args))
 
@@ -147,7 +104,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_reward_server(args: argparse.Namespace) -> int:
-    from kuberlhf.workers import reward_server
+    from kuberlhf_workers.rewards import server as reward_server
 
     return int(reward_server.main(args))
 

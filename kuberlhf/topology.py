@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kuberlhf.api import Resources, RLHFJobSpec
+from kuberlhf.api import ALGORITHMS, Resources, RLHFJobSpec
 
 ROLES = ("rollout", "actor", "critic", "reference", "reward")
 
@@ -49,7 +49,7 @@ class ActorRequest:
 
 
 def uses_critic(spec: RLHFJobSpec) -> bool:
-    return spec.algorithm == "ppo"
+    return ALGORITHMS[spec.algorithm].critic
 
 
 def uses_reference(spec: RLHFJobSpec) -> bool:

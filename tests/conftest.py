@@ -23,6 +23,6 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache_dir: Path) -> Path:
     """builtin:tiny, built once per session (a few seconds)."""
-    from kuberlhf.workers.builtin import resolve_model
+    from kuberlhf_workers.base.builtin import resolve_model
 
     return resolve_model("builtin:tiny", model_cache_dir)

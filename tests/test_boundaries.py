@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-HEAVY = ("torch", "ray", "deepspeed", "vllm", "transformers", "kuberlhf.workers")
+HEAVY = ("torch", "ray", "deepspeed", "vllm", "transformers", "kuberlhf_workers")
 
 # Runs in a fresh interpreter where importing any heavy module raises, as in the operator image.
 PROBE = textwrap.dedent(
@@ -43,7 +43,7 @@ def test_operator_imports_without_the_training_stack() -> None:
 
 
 def test_the_probe_would_catch_a_heavy_import() -> None:
-    probe = PROBE.format(heavy=HEAVY) + "\nimport kuberlhf.workers.generation\n"
+    probe = PROBE.format(heavy=HEAVY) + "\nimport kuberlhf_workers.base.samples\n"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/")
     assert result.returncode != 0
     assert "not in the operator image" in result.stderr
@@ -62,7 +62,7 @@ def _imported_modules(path: Path) -> set[str]:
 def test_no_operator_module_imports_workers_even_lazily() -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(
-            m for m in _imported_modules(path) if m.startswith("kuberlhf.workers")
+            m for m in _imported_modules(path) if m.startswith("kuberlhf_workers")
         )
         for path in (ROOT / "operator").rglob("*.py")
     }

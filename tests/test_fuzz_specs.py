@@ -28,7 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kuberlhf import api, cli
+from kuberlhf import api, cli, specfile
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASES = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(EXAMPLES.glob("*.yaml"))}
@@ -230,13 +230,13 @@ def run_validate(text: str | bytes) -> tuple[int, str, str, Path]:
 def expected_problems(path: Path) -> list[str]:
     """What validate must print for a single-document file, computed from the library directly."""
     try:
-        docs = cli.load_documents(path)
+        docs = specfile.load_documents(path)
         if not docs:
             return [f"{path}: no YAML document found"]
         problems: list[str] = []
         for doc in docs:
             try:
-                problems += cli.local_problems(api.parse_job(doc), path.parent)
+                problems += specfile.local_problems(api.parse_job(doc), path.parent)
             except api.SpecError as exc:
                 return problems + exc.problems
         return problems

@@ -15,10 +15,10 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from kuberlhf_operator.rbac import driver_rules
 from packaging.version import Version
 
 from kuberlhf import api
+from kuberlhf_operator.rbac import driver_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "kuberlhf"

@@ -27,8 +27,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
-from kuberlhf_operator.kubeapi import KubeApi
 
+from kuberlhf_operator.kubeapi import KubeApi
 from tests.e2e.apiserver import write_kubeconfig
 from tests.e2e.entrypoint_runner import REPO, VENV_BIN, EntrypointRunner
 from tests.emulator.kuberay_standin import STANDIN_USER, KubeRayStandIn

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kuberlhf_operator import builders, pods
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from kuberlhf import api, cli
+from kuberlhf_operator import builders, pods
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"

@@ -19,11 +19,11 @@ from typing import Any
 import kopf
 import pytest
 import yaml
+
+from kuberlhf import crd
 from kuberlhf_operator.handlers import build_registry, make_settings
 from kuberlhf_operator.kubeapi import KubeApi
 from kuberlhf_operator.metrics import Metrics
-
-from kuberlhf import crd
 from tests.emulator import EmulatorHandle, running_emulator, write_kubeconfig
 from tests.emulator.kuberay_standin import STANDIN_USER, KubeRayStandIn, Runner
 

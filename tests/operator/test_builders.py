@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kuberlhf_operator import builders
-from kuberlhf_operator.quantities import parse_quantity, shm_size
 
 from kuberlhf import api
 from kuberlhf.topology import worker_groups
+from kuberlhf_operator import builders
+from kuberlhf_operator.quantities import parse_quantity, shm_size
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 COMMON_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by", "app.kubernetes.io/instance",

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from kuberlhf_operator.kubeapi import KubeApi, retry_delay
-
 from tests.emulator import EmulatorHandle, LoggedRequest, running_emulator
 from tests.emulator.faults import Fault, FaultPlan
 from tests.emulator.kuberay_standin import sleep_runner

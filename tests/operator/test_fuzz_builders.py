@@ -16,9 +16,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kuberlhf_operator import builders
 
 from kuberlhf import api
+from kuberlhf_operator import builders
 from tests.kuberay_schema import validate_builtin, validate_kuberay
 
 CPUS = ["1", "2", "500m", "2.5", "16", "96"]

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kuberlhf_operator.handlers import immutable_changes, mutable_patch
 from kuberlhf_operator.kubeapi import OPERATOR_RULES, KubeApi
-
 from tests.emulator import EmulatorHandle
 from tests.emulator.kuberay_standin import sleep_runner
 from tests.operator.conftest import OPERATOR_USER, running_operator, running_standin, wait_for
@@ -52,7 +52,7 @@ def kubectl(handle: EmulatorHandle, *args: str) -> str:
 
 
 def test_job_lifecycle_from_apply_to_delete(cluster: EmulatorHandle, admin: KubeApi) -> None:
-    from kuberlhf.workers.status_reporter import StatusReporter
+    from kuberlhf_workers.control.status_reporter import StatusReporter
 
     with running_operator(cluster) as metrics, running_standin(cluster):
         started = time.monotonic()

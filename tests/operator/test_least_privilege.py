@@ -15,11 +15,11 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
-from kuberlhf.workers.status_reporter import StatusReporter
-from kuberlhf_operator.builders import build_all, build_driver_rbac
-from kuberlhf_operator.kubeapi import ApiError, KubeApi
 
 from kuberlhf.api import parse_job
+from kuberlhf_operator.builders import build_all, build_driver_rbac
+from kuberlhf_operator.kubeapi import ApiError, KubeApi
+from kuberlhf_workers.control.status_reporter import StatusReporter
 from tests.emulator import EmulatorHandle, LoggedRequest
 from tests.emulator.resources import parse_api_path
 from tests.operator.conftest import OPERATOR_USER, running_operator, running_standin, wait_for

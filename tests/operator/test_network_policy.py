@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kuberlhf_operator import builders, netpol
 
 from kuberlhf import api
+from kuberlhf_operator import builders, netpol
 from tests.kuberay_schema import builtin_versions, validate_builtin, validate_kuberay
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,9 +17,9 @@ from kuberay_schema import (
     validate_builtin,
     validate_kuberay,
 )
-from kuberlhf_operator import builders
 
-from kuberlhf import api, cli
+from kuberlhf import api, cli, specfile
+from kuberlhf_operator import builders
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
@@ -81,7 +81,7 @@ def test_render_output_of_every_example_validates_strictly(
     # Shared Python objects would come out as YAML anchors, which kubectl users do not expect.
     assert "&id" not in out
     objects = list(yaml.safe_load_all(out))
-    assert objects == builders.build_all(cli.load_job(EXAMPLES / name, check_files=False),
+    assert objects == builders.build_all(specfile.load_job(EXAMPLES / name, check_files=False),
                                          namespace=objects[0]["metadata"]["namespace"])
     rayjob = objects[-1]
     assert validate_kuberay(rayjob) == []

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kuberlhf_operator.kubeapi import KubeApi
 
+from kuberlhf_operator.kubeapi import KubeApi
 from tests.emulator import EmulatorHandle
 from tests.emulator.faults import Fault
 from tests.emulator.kuberay_standin import KubeRayStandIn, Runner

@@ -21,9 +21,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kuberlhf.workers.reward_model import train_tiny_reward_model
-from kuberlhf_operator.kubeapi import KubeApi
 
+from kuberlhf_operator.kubeapi import KubeApi
+from kuberlhf_workers.rewards.model import train_tiny_reward_model
 from tests.emulator import EmulatorHandle
 from tests.emulator.kuberay_standin import sleep_runner
 from tests.operator.conftest import running_operator, running_standin, wait_for

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kuberlhf_operator import status as st
 
 NOW = "2026-11-25T12:00:00Z"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_specs import local_ray
+from run_specs import local_ray
 
 
 @pytest.fixture(scope="module")

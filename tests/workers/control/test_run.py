@@ -1,0 +1,76 @@
+"""`kuberlhf run` end to end, as a user runs it: a real subprocess with its own private Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from run_specs import write_spec
+
+from kuberlhf_workers.control.metrics import REQUIRED_KEYS
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _run(args: list[str], cwd: Path, cache: Path, **kw) -> subprocess.Popen:
+    env = dict(os.environ, KUBERLHF_CACHE=str(cache), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "kuberlhf"), "run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=400)
+    return proc.returncode, out
+
+
+def test_run_reports_each_step_stops_cleanly_on_ctrl_c_resumes_and_knows_when_it_is_done(
+    tiny_model_dir: Path, model_cache_dir: Path, tmp_path: Path
+):
+    spec = write_spec(tmp_path, tiny_model_dir, schedule={"steps": 50}, checkpoint={"everySteps": 100})
+    run_dir = tmp_path / "runs" / "engine-test"  # the default output folder: runs/<job name>
+    metrics = run_dir / "metrics.jsonl"
+    proc = _run([str(spec), "--quiet"], tmp_path, model_cache_dir, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole process group
+    code, out = _finish(proc)
+    assert code == 130, out
+    stopped_at = len(metrics.read_text().splitlines())
+    assert 1 <= stopped_at < 50
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}", out
+
+    total = str(stopped_at + 1)
+    code, out = _finish(_run([str(spec), "--quiet", "--max-steps", total], tmp_path, model_cache_dir))
+    assert code == 0, out
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, stopped_at + 2)), "resumed after the last step"
+    assert all(x.get(k) is not None for x in lines for k in REQUIRED_KEYS)
+    assert f"step {total}/{total}" in out and "reward" in out
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    code, out = _finish(_run([str(spec), "--quiet", "--max-steps", total], tmp_path, model_cache_dir))
+    assert code == 0, out
+    assert f"already complete at step {total}/{total}" in out
+    assert len(metrics.read_text().splitlines()) == stopped_at + 1, "nothing was trained again"
+
+
+def test_a_bad_spec_fails_fast_naming_the_field(tmp_path: Path, model_cache_dir: Path):
+    spec = write_spec(tmp_path, tmp_path, rollout={"samplesPerPrompt": 1})
+    code, out = _finish(_run([str(spec)], tmp_path, model_cache_dir))
+    assert code == 1
+    assert "spec.rollout.samplesPerPrompt" in out

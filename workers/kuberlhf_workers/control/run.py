@@ -1,0 +1,141 @@
+"""`kuberlhf run FILE`: train one RLHFJob spec, locally on CPU or inside a RayJob.
+
+Exit codes: 0 when every step is trained (or a checkpoint says they already were, which is
+said out loud), 1 for a bad spec, 3 when training failed part-way (a trainer died, a worker
+or the reward timed out: rerunning resumes from the last checkpoint, which is what a RayJob's
+retry does), 130 when Ctrl-C stopped the run (after a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kuberlhf import api
+from kuberlhf.specfile import load_job
+
+if TYPE_CHECKING:
+    from kuberlhf_workers.control.driver import Driver
+
+TRAINING_FAILED = 3
+
+
+def _rl_program() -> type[Driver]:
+    from kuberlhf_workers.control.driver import Driver
+
+    return Driver
+
+
+# The controller program that trains each kind of algorithm (`api.ALGORITHMS[...].program`).
+PROGRAMS: dict[api.Program, Callable[[], type[Driver]]] = {"rl": _rl_program}
+
+
+def output_dir(job_name: str, requested: str | None) -> Path:
+    return Path(requested) if requested else Path("runs") / job_name
+
+
+def _quiet_environment() -> None:
+    for key, value in {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> int:
+    _quiet_environment()
+    path = Path(args.file)
+    try:
+        job = load_job(path)
+    except api.SpecError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    if args.max_steps is not None and args.max_steps < 1:
+        print(f"--max-steps: must be at least 1, got {args.max_steps}", file=sys.stderr)
+        return 1
+
+    from kuberlhf_workers.control.faults import StepFailed
+    from kuberlhf_workers.control.metrics import JsonlWriter, PrintProgress, RichProgress, TensorBoardWriter
+    from kuberlhf_workers.control.status_reporter import from_environment
+
+    out = output_dir(job.metadata.name, args.output)
+    total = args.max_steps if args.max_steps is not None else job.spec.schedule.steps
+    tensorboard = TensorBoardWriter(out / "tensorboard")
+    display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress(total)
+    callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]
+    reporter = from_environment()  # inside a RayJob: progress into the RLHFJob's status
+    if reporter is not None:
+        callbacks.append(reporter)
+    program = PROGRAMS[api.ALGORITHMS[job.spec.algorithm].program]()
+    driver = program(
+        job,
+        path.parent,
+        out,
+        max_steps=args.max_steps,
+        ray_address=args.ray_address,
+        resume=not args.no_resume,
+        callbacks=callbacks,
+    )
+
+    def stop(signum: int, frame: Any) -> None:
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step (a checkpoint will be saved); "
+            "Ctrl-C again to abort",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        driver.request_stop()
+
+    def catch_stop_signals() -> None:
+        # SIGTERM is how Kubernetes stops a pod (suspend, preemption): checkpoint, then exit.
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    driver.on_ray_started = catch_stop_signals
+    previous = signal.signal(signal.SIGINT, stop)
+    previous_term = signal.signal(signal.SIGTERM, stop)
+    try:
+        outcome = driver.run()
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    except StepFailed as exc:
+        print(f"{job.metadata.name}: training failed: {exc}", file=sys.stderr, flush=True)
+        return TRAINING_FAILED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        tensorboard.close()
+        if reporter is not None:
+            reporter.close()
+        if isinstance(display, RichProgress):
+            display.close()
+    if outcome.status == "already-complete":
+        print(
+            f"{job.metadata.name}: already complete at step {outcome.step}/{outcome.total_steps} "
+            f"(checkpoint {outcome.last_checkpoint}); nothing to train. Use --no-resume to start over."
+        )
+        return 0
+    if outcome.status == "interrupted":
+        print(
+            f"{job.metadata.name}: stopped at step {outcome.step}/{outcome.total_steps}; "
+            f"checkpoint {outcome.last_checkpoint}. Run the same command again to resume."
+        )
+        return 130
+    print(
+        f"{job.metadata.name}: done, {outcome.step} steps; model in {outcome.last_checkpoint}/model, "
+        f"metrics in {out / 'metrics.jsonl'}"
+    )
+    return 0

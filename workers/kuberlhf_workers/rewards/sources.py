@@ -1,0 +1,169 @@
+"""Turning `spec.reward` into one callable, and guarding training against bad reward code.
+
+Whatever the source (a user's Python function, a remote reward server, a reward model), the
+driver sees `fn(prompts, completions, **extra_columns) -> list[float]`. User code is the most
+likely thing to be wrong, so loading reports exactly which part of the reference is broken,
+and `score` checks every result before a NaN or a short list can poison an update.
+
+Load reward functions where they run (inside the Ray actor): a function from a file loaded here
+lives in a module other processes cannot import, so it should not be pickled across.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import math
+import numbers
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kuberlhf.api import RewardSource, RewardSpec
+from kuberlhf.files import find_spec_file
+
+RewardFn = Callable[..., list[float]]
+FIELD = "spec.reward.function"
+_module_ids = itertools.count()
+
+
+class RewardFunctionError(RuntimeError):
+    """The reward function failed or returned something training cannot use."""
+
+
+def _load_file(path: Path) -> Any:
+    # A fresh module name per load: two specs may both ship a "reward.py".
+    name = f"kuberlhf_reward_{path.stem}_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{FIELD}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))  # let the file import helpers that sit next to it
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ValueError(f"{FIELD}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _load_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"{FIELD}: cannot import module {name!r} ({exc}); install it in the worker image, "
+            "or point at a file with 'file.py:fn'"
+        ) from exc
+    except Exception as exc:
+        raise ValueError(f"{FIELD}: importing {name!r} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _find_file(path: Path, spec_dir: Path) -> Path:
+    found = find_spec_file(path, spec_dir)
+    if found is None:
+        raise ValueError(
+            f"{FIELD}: file {path} does not exist (relative paths start at {spec_dir}, then sys.path); "
+            "in a cluster, ship it in the worker image on PYTHONPATH or use 'module:fn'"
+        )
+    return found
+
+
+def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:
+    """Load "file.py:fn" (relative to the spec file's directory) or "package.module:fn"."""
+    target, sep, attr = ref.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"{FIELD}: expected 'file.py:function' or 'module:function', got {ref!r}")
+    if target.endswith(".py"):
+        path = _find_file(Path(target).expanduser(), spec_dir)
+        module, where = _load_file(path), str(path)
+    else:
+        module, where = _load_module(target), f"module {target!r}"
+    if not hasattr(module, attr):
+        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(f"{FIELD}: {where} has no function {attr!r} (callables defined there: {defined})")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"{FIELD}: {attr!r} in {where} is a {type(fn).__name__}, not a function")
+    return fn  # type: ignore[no-any-return]
+
+
+def _function(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+    assert reward.function is not None
+    return load_reward_function(reward.function, spec_dir)
+
+
+def _url(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+    from kuberlhf_workers.rewards.client import RewardClient
+
+    assert reward.url is not None
+    return RewardClient(
+        url=reward.url, timeout_s=reward.timeout_seconds, max_retries=reward.max_retries, token=secret_token
+    )
+
+
+def _model(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+    from kuberlhf_workers.base.builtin import resolve_model
+    from kuberlhf_workers.rewards.model import RewardModelScorer
+
+    assert reward.model is not None
+    return RewardModelScorer(resolve_model(reward.model, field="spec.reward.model"))
+
+
+# One loader per `spec.reward` source; each returns the same kind of callable.
+REWARD_SOURCES: dict[RewardSource, Callable[[RewardSpec, Path, str | None], RewardFn]] = {
+    "function": _function,
+    "url": _url,
+    "model": _model,
+}
+
+
+def make_reward_fn(reward: RewardSpec, spec_dir: Path, secret_token: str | None = None) -> RewardFn:
+    """The one callable for whichever reward source the spec names."""
+    chosen = reward.sources()
+    if len(chosen) != 1:
+        raise ValueError(f"spec.reward: set exactly one of function, model or url (got {chosen or 'none'})")
+    return REWARD_SOURCES[chosen[0]](reward, spec_dir, secret_token)
+
+
+def describe(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}.{name}" if module else name
+
+
+def score(
+    fn: RewardFn, prompts: list[str], completions: list[str], extra: dict[str, list[Any]] | None = None
+) -> list[float]:
+    """Call the reward function and return its scores as floats, or fail naming the function."""
+    who = f"reward function {describe(fn)}"
+    extra = extra or {}
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    for column, values in extra.items():
+        if len(values) != len(completions):
+            raise ValueError(
+                f"extra column {column!r} has {len(values)} values for {len(completions)} completions"
+            )
+    try:
+        result = fn(prompts, completions, **extra)
+    except Exception as exc:
+        raise RewardFunctionError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+    if hasattr(result, "tolist"):  # numpy arrays and torch tensors
+        result = result.tolist()
+    if not isinstance(result, list | tuple):
+        raise RewardFunctionError(f"{who} must return a list of floats, got {type(result).__name__}")
+    if len(result) != len(completions):
+        raise RewardFunctionError(f"{who} returned {len(result)} scores for {len(completions)} completions")
+    scores: list[float] = []
+    for index, value in enumerate(result):
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise RewardFunctionError(
+                f"{who} returned {value!r} at index {index}; every score must be a finite number"
+            )
+        scores.append(float(value))
+    return scores

@@ -1,0 +1,69 @@
+"""The one interface every rollout backend implements, and the table that names them.
+
+The rollout actor only ever talks to a `GenerationBackend`, so swapping transformers' generate
+for vLLM changes no training code, and weight sync needs one entry point: `load_weights`. A new
+backend is a module with a class and a line in `BACKENDS` (plus its name in the API's
+`RolloutEngine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from kuberlhf.api import RLHFJobSpec, RolloutEngine
+from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
+
+
+class GenerationBackend(Protocol):
+    """A rollout engine living in one Ray actor."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Sample completions with the current weights."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights (HF parameter names, full unsharded tensors)."""
+        ...
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The engine's current weights under HF names (for checks and tests)."""
+        ...
+
+
+BackendFactory = Callable[[RLHFJobSpec, str | Path, torch.device], GenerationBackend]
+
+
+def _hf(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
+    from kuberlhf_workers.rollout.hf import HFBackend
+
+    return HFBackend(model_path, device)
+
+
+def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
+    try:
+        from kuberlhf_workers.rollout.vllm_engine import VLLMBackend
+    except ImportError as exc:
+        raise RuntimeError(
+            f"spec.rollout.engine: vllm is not usable here ({exc}); install the 'cpu' or 'gpu' "
+            "extra, or set rollout.engine: hf"
+        ) from exc
+    return VLLMBackend(
+        str(model_path),
+        tensor_parallel_size=spec.rollout.tensor_parallel_size,
+        gpu_memory_utilization=spec.rollout.gpu_memory_utilization,
+        seed=spec.seed,
+        max_model_len=spec.data.max_prompt_tokens + spec.data.max_new_tokens,
+    )
+
+
+# Imported lazily: vLLM is heavy and absent from images that do not use it.
+BACKENDS: dict[RolloutEngine, BackendFactory] = {"hf": _hf, "vllm": _vllm}
+
+
+def make_backend(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
+    """The rollout engine named by spec.rollout.engine."""
+    return BACKENDS[spec.rollout.engine](spec, model_path, device)

@@ -1,0 +1,277 @@
+"""The maths of RL post-training as pure torch functions: KL estimators, advantages, losses.
+
+Shapes: `rewards` is [B] (one scalar per sampled completion, grouped by prompt: rows
+i*G .. i*G+G-1 share a prompt); per-token tensors are [B, T] over response tokens only, and
+`mask` is a 0/1 [B, T] tensor marking real (non-padding) response tokens. Keeping these free of
+Ray, DeepSpeed and models makes every formula checkable by hand in unit tests.
+
+Advantage estimators are looked up by algorithm name in `ESTIMATORS` (what else an algorithm
+implies lives in `kuberlhf.api.ALGORITHMS`): adding one is a function and a row in each table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kuberlhf.api import ALGORITHMS, GROUP_ALGORITHMS, Aggregation, Algorithm
+
+Estimator = Literal["k1", "k2", "k3"]
+EPS = 1e-8
+GROUP_STD_EPS = 1e-6
+K3_LOG_RATIO_LIMIT = 20.0
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over masked-in entries; an all-padding row gives 0 rather than NaN."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit (population) variance over masked-in entries; padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + EPS) * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Estimator) -> torch.Tensor:
+    """Schulman's per-token estimators of KL(policy || reference) from samples of the policy."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # Clamped: exp() of a large ratio on a rare token would otherwise overflow to inf.
+        neg = (-log_ratio).clamp(-K3_LOG_RATIO_LIMIT, K3_LOG_RATIO_LIMIT)
+        return torch.exp(neg) - neg - 1
+    raise ValueError(f"spec.kl.estimator: got {estimator!r}, allowed: k1, k2, k3")
+
+
+def _normalised(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return (groups - mean) / (groups.std(dim=1, keepdim=True) + GROUP_STD_EPS)
+
+
+def _centred(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return groups - mean
+
+
+def _leave_one_out(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    # r_i - mean of the others == G/(G-1) * (r_i - group mean)
+    size = groups.shape[1]
+    return (groups - mean) * size / (size - 1)
+
+
+# How each group estimator baselines a reward against its prompt's other samples.
+GROUP_BASELINES: dict[Algorithm, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grpo": _normalised,
+    "dr_grpo": _centred,
+    "reinforce_pp_baseline": _centred,
+    "rloo": _leave_one_out,
+}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, algorithm: Algorithm) -> torch.Tensor:
+    """Baseline each completion's reward against the other completions of the same prompt."""
+    if algorithm not in GROUP_BASELINES:
+        raise ValueError(
+            f"spec.algorithm: {algorithm!r} is not a group estimator ({', '.join(GROUP_ALGORITHMS)})"
+        )
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(
+            f"spec.rollout.samplesPerPrompt: {algorithm} needs groups of at least 2 completions "
+            f"dividing the batch; got group size {group_size} for {rewards.numel()} rewards"
+        )
+    groups = rewards.reshape(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    return GROUP_BASELINES[algorithm](groups, mean).reshape(-1)
+
+
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation; the value after the last response token is 0 (episode ends)."""
+    rewards, values = token_rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over the response (REINFORCE++'s critic-free return)."""
+    rewards = token_rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def token_rewards(
+    rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None, kl_coef: float
+) -> torch.Tensor:
+    """-kl_coef * KL on every response token, plus the sequence reward on its last real token."""
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+    out = torch.zeros_like(mask, dtype=rewards.dtype)
+    out[torch.arange(mask.shape[0], device=mask.device), last] = rewards
+    if kl is not None and kl_coef:
+        out = out - kl_coef * kl
+    return out * mask
+
+
+@dataclass(frozen=True)
+class EstimatorInput:
+    """Everything an advantage estimator may use; each takes what it needs."""
+
+    algorithm: Algorithm
+    rewards: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, T], float
+    group_size: int
+    penalty_kl: torch.Tensor | None  # per-token KL to shape rewards with (None: no penalty)
+    kl_coef: float
+    values: torch.Tensor | None
+    gamma: float
+    lam: float
+
+
+Advantages = tuple[torch.Tensor, torch.Tensor | None]  # per-token advantages, critic targets
+
+
+def _ppo(x: EstimatorInput) -> Advantages:
+    """KL-shaped token rewards, GAE against the critic, advantages whitened over the batch."""
+    if x.values is None:
+        raise ValueError("spec.algorithm: ppo needs critic values to compute GAE")
+    shaped = token_rewards(x.rewards, x.mask, x.penalty_kl, x.kl_coef)
+    advantages, returns = gae(shaped, x.values, x.mask, x.gamma, x.lam)
+    return masked_whiten(advantages, x.mask), returns
+
+
+def _reinforce_pp(x: EstimatorInput) -> Advantages:
+    """REINFORCE++: KL-shaped token rewards, discounted returns, whitened over the whole batch; the
+    baseline variant first subtracts each prompt group's mean reward."""
+    rewards = x.rewards
+    if ALGORITHMS[x.algorithm].group_baseline:
+        rewards = group_advantages(rewards, x.group_size, x.algorithm)
+    returns = discounted_returns(token_rewards(rewards, x.mask, x.penalty_kl, x.kl_coef), x.mask, x.gamma)
+    return masked_whiten(returns, x.mask), None
+
+
+def _group(x: EstimatorInput) -> Advantages:
+    """Group estimators: the sequence-level KL penalty is taken off the reward before baselining,
+    and every token of a completion shares its sequence advantage."""
+    rewards = x.rewards
+    if x.penalty_kl is not None:
+        rewards = rewards - x.kl_coef * masked_sum(x.penalty_kl, x.mask, dim=1)
+    return group_advantages(rewards, x.group_size, x.algorithm)[:, None] * x.mask, None
+
+
+ESTIMATORS: dict[Algorithm, Callable[[EstimatorInput], Advantages]] = {
+    "ppo": _ppo,
+    "reinforce_pp": _reinforce_pp,
+    "reinforce_pp_baseline": _reinforce_pp,
+    "grpo": _group,
+    "dr_grpo": _group,
+    "rloo": _group,
+}
+
+
+def compute_advantages(
+    algorithm: Algorithm,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    *,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_mode: Literal["penalty", "loss"] = "penalty",
+    values: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Advantages:
+    """Per-token advantages for any algorithm, plus critic targets (returns) for ppo only.
+
+    In "loss" KL mode the KL stays out of the rewards (it is a separate loss term, see kl_loss).
+    """
+    if algorithm not in ESTIMATORS:
+        raise ValueError(f"spec.algorithm: unknown algorithm {algorithm!r}")
+    mask = mask.to(rewards.dtype)
+    penalty_kl = kl if kl_mode == "penalty" and kl is not None and kl_coef else None
+    inputs = EstimatorInput(algorithm, rewards, mask, group_size, penalty_kl, kl_coef, values, gamma, lam)
+    return ESTIMATORS[algorithm](inputs)
+
+
+def loss_aggregation(algorithm: Algorithm) -> Aggregation:
+    """How per-token losses become one number, per algorithm."""
+    return ALGORITHMS[algorithm].aggregation
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation, norm_len: int | None = None
+) -> torch.Tensor:
+    """`norm_len` (the max new tokens) is the constant divisor of seq-mean-token-sum-norm; default T."""
+    if aggregation == "token-mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "seq-mean-token-mean":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if aggregation == "seq-mean-token-sum-norm":
+        return (masked_sum(per_token, mask, dim=1) / (norm_len or per_token.shape[1])).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation!r}")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    aggregation: Aggregation = "token-mean",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (negated, to minimise), with asymmetric clip ranges (DAPO's clip-higher)."""
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = aggregate(per_token, mask, aggregation, norm_len)
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": float(masked_mean((clipped < unclipped).to(logp.dtype), mask)),
+            "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask)),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """Clipped value loss: the critic may not move more than `clip` from its rollout-time values."""
+    mask = mask.to(values.dtype)
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return masked_mean(per_token, mask)
+
+
+def kl_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: Estimator
+) -> torch.Tensor:
+    """KL to the reference as a loss term (kl.mode == "loss"), averaged over response tokens."""
+    return masked_mean(kl_estimate(logp, ref_logp, estimator), mask.to(logp.dtype))

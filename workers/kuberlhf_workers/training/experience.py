@@ -1,0 +1,69 @@
+"""A scored rollout turned into what the objectives train on: KL, advantages, returns.
+
+Pure torch. Every trainer rank computes it for the whole batch itself (cheap and deterministic,
+so all ranks agree) and then trains on its shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kuberlhf.api import RLHFJobSpec
+from kuberlhf_workers.training import algorithms
+from kuberlhf_workers.training.batch import Batch
+
+
+@dataclass
+class Experience:
+    """Everything a trainer rank needs for one update, for the whole batch."""
+
+    batch: Batch
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    ref_logp: torch.Tensor | None
+    values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+
+
+def make_experience(
+    spec: RLHFJobSpec,
+    batch: Batch,
+    rewards: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    values: torch.Tensor | None,
+) -> Experience:
+    mask = batch.response_mask
+    if ref_logp is not None:
+        kl = algorithms.kl_estimate(batch.behaviour_logp, ref_logp, spec.kl.estimator) * mask
+    else:
+        kl = torch.zeros_like(mask)
+    advantages, returns = algorithms.compute_advantages(
+        spec.algorithm,
+        rewards,
+        mask,
+        spec.rollout.samples_per_prompt,
+        kl=kl,
+        kl_coef=spec.kl.coef,
+        kl_mode=spec.kl.mode,
+        values=values,
+        gamma=spec.loss.gamma,
+        lam=spec.loss.lambd,
+    )
+    return Experience(batch, rewards, kl, ref_logp, values, advantages, returns)
+
+
+def batch_metrics(exp: Experience) -> dict[str, float]:
+    """The step's rollout statistics (reported once, by the actor's rank 0)."""
+    mask = exp.batch.response_mask
+    lengths = mask.sum(-1)
+    kl_mean = float((exp.kl.sum(-1) / lengths.clamp(min=1)).mean())
+    return {
+        "reward_mean": float(exp.rewards.mean()),
+        "reward_std": float(exp.rewards.std()) if len(exp.rewards) > 1 else 0.0,
+        "kl": kl_mean,
+        "response_length_mean": float(lengths.mean()),
+        "advantage_mean": float(algorithms.masked_mean(exp.advantages, mask)),
+    }

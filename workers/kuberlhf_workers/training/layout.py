@@ -1,0 +1,66 @@
+"""How a rollout batch maps onto a DeepSpeed world, and the DeepSpeed config that follows from it.
+
+Pure: checked at startup, before any actor exists, so bad batch arithmetic fails naming the
+field instead of hanging a rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kuberlhf.api import TrainerSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one rollout batch splits into ranks, optimizer steps and micro-batches."""
+
+    rows: int
+    world: int
+    micro: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world
+
+
+def train_layout(rows: int, trainer: TrainerSpec, field: str) -> Layout:
+    """Check the batch arithmetic up front, with the fix in the message, instead of hanging a rank."""
+    world = trainer.replicas
+    if rows % world:
+        raise ValueError(
+            f"spec.{field}.replicas: {world} ranks cannot split a rollout batch of {rows} "
+            "(promptsPerStep * samplesPerPrompt) evenly; pick a divisor"
+        )
+    global_batch = trainer.global_batch_size or rows
+    if rows % global_batch:
+        raise ValueError(f"spec.{field}.globalBatchSize: {global_batch} must divide the rollout batch {rows}")
+    micro = min(trainer.micro_batch_size, global_batch // world)
+    if (global_batch // world) % micro:
+        raise ValueError(
+            f"spec.{field}.microBatchSize: {micro} must divide the per-rank batch {global_batch // world}"
+        )
+    return Layout(rows, world, micro, global_batch // world // micro)
+
+
+def deepspeed_config(trainer: TrainerSpec, layout: Layout, on_gpu: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": trainer.zero_stage}
+    if trainer.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro,
+        "gradient_accumulation_steps": layout.accumulation,
+        "gradient_clipping": trainer.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": trainer.learning_rate, "weight_decay": 0.0, "torch_adam": True},
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,125 @@
+"""What a DeepSpeed trainer group optimises: one small interface, one table.
+
+The rank (`training.rank`) owns the world, checkpoints and weights; an objective owns the model
+head and the loss. A new training program (an SFT, reward-model or DPO loss) is a new objective
+and a row in `OBJECTIVES`, not a branch in the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from kuberlhf.api import RLHFJobSpec, TrainerRole, TrainerSpec
+from kuberlhf_workers.training import algorithms
+from kuberlhf_workers.training.batch import Batch, response_values, token_logprobs
+from kuberlhf_workers.training.experience import Experience, batch_metrics
+from kuberlhf_workers.training.forward import forward_logits
+
+Metrics = dict[str, float]
+
+
+class Objective(Protocol):
+    """A loss over micro-batches of an `Experience`, and the model it trains."""
+
+    trainer: TrainerSpec  # the spec section that sizes this group (replicas, ZeRO, learning rate)
+
+    def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
+        """The trainable model, loaded in fp32 (DeepSpeed casts for its mixed precision)."""
+        ...
+
+    def loss(
+        self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
+    ) -> tuple[torch.Tensor, Metrics]:
+        """The loss of rows `rows` of the batch and its metrics (averaged over micro-batches)."""
+        ...
+
+    def step_metrics(self, exp: Experience) -> Metrics:
+        """Metrics of the whole step that rank 0 reports besides the averaged loss metrics."""
+        ...
+
+
+class PolicyObjective:
+    """The actor: PPO's clipped surrogate with the algorithm's aggregation, plus an optional KL loss."""
+
+    def __init__(self, spec: RLHFJobSpec):
+        self.spec = spec
+        self.trainer = spec.actor
+
+    def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model
+
+    def loss(
+        self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
+    ) -> tuple[torch.Tensor, Metrics]:
+        mb = exp.batch.rows(rows)
+        mask = mb.response_mask.to(device)
+        logp = token_logprobs(forward_logits(model, mb), mb, self.spec.rollout.temperature)
+        loss_spec = self.spec.loss
+        loss, metrics = algorithms.policy_loss(
+            logp,
+            mb.behaviour_logp.to(device),
+            exp.advantages[rows].to(device),
+            mask,
+            loss_spec.clip_range,
+            loss_spec.clip_range_high or loss_spec.clip_range,
+            algorithms.loss_aggregation(self.spec.algorithm),
+            norm_len=self.spec.data.max_new_tokens,
+        )
+        if exp.ref_logp is not None and self.spec.kl.mode == "loss":
+            kl_term = algorithms.kl_loss(logp, exp.ref_logp[rows].to(device), mask, self.spec.kl.estimator)
+            loss = loss + self.spec.kl.coef * kl_term
+        return loss, {k: float(v) for k, v in metrics.items()} | {"policy_loss": float(loss.detach())}
+
+    def step_metrics(self, exp: Experience) -> Metrics:
+        return batch_metrics(exp)
+
+
+class ValueObjective:
+    """The critic (ppo): an LM body with a one-unit value head, trained with the clipped value loss."""
+
+    def __init__(self, spec: RLHFJobSpec):
+        self.spec = spec
+        self.trainer = spec.critic or spec.actor
+
+    def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        model: torch.nn.Module = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
+        model.config.pad_token_id = pad_id
+        return model
+
+    def values(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Value of the state in which each response token was chosen ([B, T])."""
+        return response_values(forward_logits(model, batch).squeeze(-1), batch)
+
+    def loss(
+        self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
+    ) -> tuple[torch.Tensor, Metrics]:
+        mb = exp.batch.rows(rows)
+        if exp.returns is None or exp.values is None:
+            raise ValueError(f"spec.algorithm: {self.spec.algorithm} computes no returns for a critic")
+        loss = algorithms.value_loss(
+            self.values(model, mb),
+            exp.values[rows].to(device),
+            exp.returns[rows].to(device),
+            mb.response_mask.to(device),
+            self.spec.loss.value_clip_range,
+        )
+        return loss, {"value_loss": float(loss.detach())}
+
+    def step_metrics(self, exp: Experience) -> Metrics:
+        return {}
+
+
+OBJECTIVES: dict[TrainerRole, Callable[[RLHFJobSpec], Objective]] = {
+    "actor": PolicyObjective,
+    "critic": ValueObjective,
+}

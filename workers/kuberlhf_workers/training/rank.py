@@ -1,0 +1,152 @@
+"""One rank of a DeepSpeed data-parallel world: joining it, checkpoints, and full weights out.
+
+Whatever the objective, a trainer rank does the same things with its model: join the world with
+the step deadline, gather ZeRO-3 shards when full tensors are needed (on every rank, or the next
+gather hangs), save and load DeepSpeed state with the RNG, and stream full weights in buckets to
+the weight-sync sender.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kuberlhf.api import TrainerSpec
+from kuberlhf_workers.base.transports import (
+    NamedTensors,
+    ParamMeta,
+    WeightTransport,
+    param_meta,
+    plan_buckets,
+)
+from kuberlhf_workers.training.layout import Layout, deepspeed_config
+
+
+class DeepSpeedRank:
+    """Rank `rank` of a `layout.world`-rank world training `trainer`'s model (tag `tag` in checkpoints)."""
+
+    def __init__(self, tag: str, trainer: TrainerSpec, layout: Layout, rank: int, device: torch.device):
+        self.tag, self.trainer, self.layout, self.rank, self.device = tag, trainer, layout, rank, device
+        self._model: Any = None  # the DeepSpeed-wrapped model once joined
+        self.sender: WeightTransport | None = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            raise RuntimeError(f"{self.tag} rank {self.rank} used before joining its DeepSpeed world")
+        return self._model
+
+    def join(self, master: tuple[str, int], model: torch.nn.Module, timeout_s: float) -> None:
+        """Join the data-parallel world; all ranks must call this concurrently."""
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.layout.world),
+            LOCAL_RANK="0",  # Ray gives each rank its own device
+        )
+        if self.trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
+        # As deepspeed.initialize would, but with the step deadline instead of torch's 30 minutes:
+        # a rank stuck in a collective fails with the others instead of holding the job.
+        deepspeed.init_distributed(
+            get_accelerator().communication_backend_name(),
+            verbose=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda")
+        self._model, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
+
+    def gathered(self, params: list[torch.nn.Parameter]) -> Any:
+        """Full tensors inside the block under ZeRO-3 (a no-op otherwise); collective."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(
+            params, modifier_rank=None, enabled=self.trainer.zero_stage == 3
+        )
+
+    # -- weights out ------------------------------------------------------------------------------
+
+    def param_meta(self) -> list[ParamMeta]:
+        return [param_meta(n, p) for n, p in self.model.module.named_parameters()]
+
+    def _full_buckets(self, plan: list[list[ParamMeta]]) -> Iterator[NamedTensors]:
+        named = dict(self.model.module.named_parameters())
+        for bucket in plan:
+            params = [named[m.name] for m in bucket]
+            with self.gathered(params):
+                yield [(m.name, p.data) for m, p in zip(bucket, params, strict=True)]
+
+    def send_weights(self, bucket_bytes: int) -> Any:
+        """All ranks call this (ZeRO-3 gathers are collective); only rank 0 sends."""
+        buckets = self._full_buckets(plan_buckets(self.param_meta(), bucket_bytes))
+        if self.rank == 0:
+            if self.sender is None:
+                raise RuntimeError("send_weights before join_weight_sync: no weight-sync group yet")
+            return self.sender.send(buckets)
+        for _ in buckets:
+            pass
+        return None
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Full parameters (gathered under ZeRO-3, so every rank must call it)."""
+        out = {}
+        for name, p in self.model.module.named_parameters():
+            with self.gathered([p]):
+                out[name] = p.data.detach().float().cpu().clone()
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save(self, directory: str, hf_dir: str | None, tokenizer_path: str) -> None:
+        """DeepSpeed state (model, optimizer, scheduler) and RNG state on every rank; HF weights from
+        rank 0 (the folder a user loads with from_pretrained)."""
+        self.model.save_checkpoint(directory, tag=self.tag)
+        rng = Path(self._rng_file(directory))
+        rng.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), rng)
+        if hf_dir is None:
+            return
+        module = self.model.module
+        with self.gathered(list(module.parameters())):
+            if self.rank == 0:
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                module.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(hf_dir)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.model.load_checkpoint(directory, tag=self.tag, load_optimizer_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no {self.tag} DeepSpeed checkpoint in {directory}")
+        rng = Path(self._rng_file(directory))
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+
+    def _rng_file(self, directory: str) -> str:
+        return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
