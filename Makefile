@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 typecheck: install
-	$(VENV)/bin/mypy -p kuberlhf_operator -m kuberlhf.api -m kuberlhf.crd -m kuberlhf.cli
+	$(VENV)/bin/mypy -p kuberlhf -p kuberlhf_operator -p kuberlhf_workers
 
 crd: install
 	$(VENV)/bin/kuberlhf crd > crds/rlhfjob.yaml

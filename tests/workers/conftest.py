@@ -1,4 +1,4 @@
-"""Fixtures shared by the engine tests."""
+"""Fixtures shared by the worker tests that run the training program on a local Ray."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small RLHFJob specs and a shared local Ray for the engine tests (real Ray, DeepSpeed, models)."""
+"""Small RLHFJob specs and a shared local Ray for the training-program tests (real Ray, DeepSpeed, models)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def job_dict(model_dir: Path, name: str = "engine-test", **spec: Any) -> dict[str, Any]:
+def job_dict(model_dir: Path, name: str = "run-test", **spec: Any) -> dict[str, Any]:
     """GRPO on the digits toy reward: 8 prompts x 4 samples x 16 new tokens per step."""
     base = {
         "algorithm": "grpo",

@@ -40,7 +40,7 @@ def test_run_reports_each_step_stops_cleanly_on_ctrl_c_resumes_and_knows_when_it
     tiny_model_dir: Path, model_cache_dir: Path, tmp_path: Path
 ):
     spec = write_spec(tmp_path, tiny_model_dir, schedule={"steps": 50}, checkpoint={"everySteps": 100})
-    run_dir = tmp_path / "runs" / "engine-test"  # the default output folder: runs/<job name>
+    run_dir = tmp_path / "runs" / "run-test"  # the default output folder: runs/<job name>
     metrics = run_dir / "metrics.jsonl"
     proc = _run([str(spec), "--quiet"], tmp_path, model_cache_dir, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -155,7 +155,9 @@ def test_after_load_weights_vllm_generates_what_the_trainer_model_would(engine, 
         assert torch.equal(held[name], dict(named)[name])
 
 
-def sync_over(backend: str, named: list[tuple[str, torch.Tensor]], engine, device: str, timeout_s: float) -> None:
+def sync_over(
+    backend: str, named: list[tuple[str, torch.Tensor]], engine, device: str, timeout_s: float
+) -> None:
     """Trainer rank 0 sends `named` over a collective transport while the engine receives and
     loads each bucket, exactly as the rollout actor's `receive_weights` does."""
     plan = plan_buckets([param_meta(n, t) for n, t in named], bucket_bytes=64 * 1024)

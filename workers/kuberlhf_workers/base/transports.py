@@ -142,7 +142,9 @@ class CollectiveTransport:
         import torch.distributed as dist
 
         timeout = timedelta(seconds=self.timeout_s)
-        store = dist.TCPStore(self.host, self.port, self.world_size, self.rank == 0, timeout=timeout)
+        store = dist.TCPStore(  # type: ignore[attr-defined]  # exported at run time, not in the stubs
+            self.host, self.port, self.world_size, self.rank == 0, timeout=timeout
+        )
         if self.backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout

@@ -25,8 +25,6 @@ from kuberlhf_workers.control.faults import (
     ROLLOUT_RETRIES,
     ActorDied,
     StepFailed,
-    describe_reward,
-    reward_budget_s,
     wait_all,
     wait_ready,
 )
@@ -39,6 +37,7 @@ from kuberlhf_workers.control.rollout_queue import (
     to_saved,
 )
 from kuberlhf_workers.control.weight_sync import WeightSync
+from kuberlhf_workers.rewards.sources import describe_reward, reward_budget_s
 
 
 @dataclass

@@ -8,19 +8,14 @@ fail into errors that say what failed, after how long, and what to do next.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-from kuberlhf.api import RewardSpec
 
 if TYPE_CHECKING:
     from kuberlhf_workers.control.handles import Handle
 
 ROLLOUT_RETRIES = 3  # replacements of dead rollout engines per step before the run gives up
-REWARD_CLIENT_BATCH, REWARD_CLIENT_CONCURRENCY = 64, 4  # RewardClient's defaults
-REWARD_MAX_BACKOFF_S = 10.0
 
 
 class StepFailed(RuntimeError):
@@ -43,24 +38,6 @@ class ActorDied(StepFailed):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-def describe_reward(reward: RewardSpec) -> str:
-    if reward.function:
-        return f"reward function {reward.function!r}"
-    if reward.url:
-        return f"reward server {reward.url!r}"
-    return f"reward model {reward.model!r}"
-
-
-def reward_budget_s(reward: RewardSpec, rows: int) -> float:
-    """How long scoring one step may take: every attempt of every request timing out, plus the
-    backoff between attempts. A reward server gets its batches in waves of concurrent requests."""
-    per_request = reward.timeout_seconds * (reward.max_retries + 1)
-    if not reward.url:
-        return per_request
-    waves = math.ceil(math.ceil(rows / REWARD_CLIENT_BATCH) / REWARD_CLIENT_CONCURRENCY)
-    return waves * (per_request + reward.max_retries * REWARD_MAX_BACKOFF_S)
 
 
 def wait_all(labelled: Sequence[tuple[str, Any]], timeout_s: float, what: str, hint: str) -> list[Any]:

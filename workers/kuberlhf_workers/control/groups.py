@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from kuberlhf.api import RLHFJobSpec
 from kuberlhf.topology import ActorRequest
 from kuberlhf_workers.control.handles import Handle
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 H = TypeVar("H", bound=Handle)
 
@@ -28,7 +31,7 @@ class ActorGroup(Generic[H]):
     request: ActorRequest
     placement: Any  # a Ray PlacementGroup, or None when the role asks for no bundle resources
     args_for: Callable[[int], tuple[Any, ...]]
-    handle: Callable[[Any, int], H]  # (actor, rank) -> typed handle
+    handle: Callable[[ActorHandle, int], H]  # (actor, rank) -> typed handle
     actors: list[H] = field(default_factory=list)
 
     def spawn(self, i: int) -> H:
@@ -44,7 +47,8 @@ class ActorGroup(Generic[H]):
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.placement, placement_group_bundle_index=i
             )
-        actor = ray.remote(self.worker_cls).options(**options).remote(*self.args_for(i))
+        remote_cls: Any = ray.remote(self.worker_cls)  # Ray's stubs cannot follow a class made remote
+        actor: ActorHandle = remote_cls.options(**options).remote(*self.args_for(i))
         return self.handle(actor, i)
 
     def replace(self, i: int) -> H:
@@ -57,7 +61,7 @@ def start_group(
     request: ActorRequest,
     name: str,
     args_for: Callable[[int], tuple[Any, ...]],
-    handle: Callable[[Any, int], H],
+    handle: Callable[[ActorHandle, int], H],
     groups: list[Any],
 ) -> ActorGroup[H]:
     """`request.count` actors of `worker_cls`, each on its own bundle; `args_for(i)` gives rank i's

@@ -2,8 +2,8 @@
 
 A Ray actor handle accepts any attribute: `actor.trian.remote()` fails only at run time, deep in
 a step. The driver talks to these facades instead; each method is one remote call of the worker
-class it names (tests/workers/control/test_handles.py holds every facade to its worker's
-methods and signatures), and mypy checks the driver's calls against them.
+class it names (tests/test_seams.py holds every facade to its worker's methods and
+signatures), and mypy checks the driver's calls against them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Handle:
         self.actor, self.label = actor, label
 
     def ready(self) -> ObjectRef[bool]:
-        return self.actor.ready.remote()  # type: ignore[no-any-return]
+        return self.actor.ready.remote()
 
     def kill(self) -> None:
         import ray
@@ -40,30 +40,31 @@ class RolloutHandle(Handle):
     def rollout(
         self, request: GenerationRequest
     ) -> tuple[ObjectRef[dict[str, int]], ObjectRef[GenerationResult]]:
-        summary, result = self.actor.rollout.options(num_returns=2).remote(request)
-        return summary, result
+        refs: tuple[ObjectRef[dict[str, int]], ObjectRef[GenerationResult]]
+        refs = self.actor.rollout.options(num_returns=2).remote(request)
+        return refs
 
     def join_weight_sync(self, receiver: WeightTransport) -> ObjectRef[None]:
-        return self.actor.join_weight_sync.remote(receiver)  # type: ignore[no-any-return]
+        return self.actor.join_weight_sync.remote(receiver)
 
     def receive_weights(self, payload: Any = None) -> ObjectRef[None]:
-        return self.actor.receive_weights.remote(payload)  # type: ignore[no-any-return]
+        return self.actor.receive_weights.remote(payload)
 
     def parameters(self) -> ObjectRef[dict[str, torch.Tensor]]:
-        return self.actor.parameters.remote()  # type: ignore[no-any-return]
+        return self.actor.parameters.remote()
 
     def pid(self) -> ObjectRef[int]:
-        return self.actor.pid.remote()  # type: ignore[no-any-return]
+        return self.actor.pid.remote()
 
 
 class TrainerHandle(Handle):
     """A `kuberlhf_workers.training.trainer.TrainerWorker` (one DeepSpeed rank)."""
 
     def master_address(self) -> ObjectRef[tuple[str, int]]:
-        return self.actor.master_address.remote()  # type: ignore[no-any-return]
+        return self.actor.master_address.remote()
 
     def init_world(self, master: tuple[str, int]) -> ObjectRef[None]:
-        return self.actor.init_world.remote(master)  # type: ignore[no-any-return]
+        return self.actor.init_world.remote(master)
 
     def train(
         self,
@@ -73,31 +74,31 @@ class TrainerHandle(Handle):
         value_refs: list[ObjectRef[torch.Tensor]],
     ) -> ObjectRef[dict[str, float]]:
         # Refs inside lists reach the actor as refs: it fetches them itself, straight from the store.
-        return self.actor.train.remote(rollout_refs, rewards, ref_refs, value_refs)  # type: ignore[no-any-return]
+        return self.actor.train.remote(rollout_refs, rewards, ref_refs, value_refs)
 
     def values(self, rollout_refs: list[ObjectRef[GenerationResult]]) -> ObjectRef[torch.Tensor]:
-        return self.actor.values.remote(rollout_refs)  # type: ignore[no-any-return]
+        return self.actor.values.remote(rollout_refs)
 
     def param_meta(self) -> ObjectRef[list[ParamMeta]]:
-        return self.actor.param_meta.remote()  # type: ignore[no-any-return]
+        return self.actor.param_meta.remote()
 
     def sync_address(self) -> ObjectRef[tuple[str, int]]:
-        return self.actor.sync_address.remote()  # type: ignore[no-any-return]
+        return self.actor.sync_address.remote()
 
     def join_weight_sync(self, sender: WeightTransport) -> ObjectRef[None]:
-        return self.actor.join_weight_sync.remote(sender)  # type: ignore[no-any-return]
+        return self.actor.join_weight_sync.remote(sender)
 
     def send_weights(self) -> ObjectRef[Any]:
-        return self.actor.send_weights.remote()  # type: ignore[no-any-return]
+        return self.actor.send_weights.remote()
 
     def parameters(self) -> ObjectRef[dict[str, torch.Tensor]]:
-        return self.actor.parameters.remote()  # type: ignore[no-any-return]
+        return self.actor.parameters.remote()
 
     def save(self, directory: str, hf_dir: str | None) -> ObjectRef[None]:
-        return self.actor.save.remote(directory, hf_dir)  # type: ignore[no-any-return]
+        return self.actor.save.remote(directory, hf_dir)
 
     def load(self, directory: str) -> ObjectRef[None]:
-        return self.actor.load.remote(directory)  # type: ignore[no-any-return]
+        return self.actor.load.remote(directory)
 
 
 class ReferenceHandle(Handle):
@@ -106,7 +107,7 @@ class ReferenceHandle(Handle):
     def logprobs(
         self, rollout_refs: list[ObjectRef[GenerationResult]], rank: int, world: int
     ) -> ObjectRef[torch.Tensor]:
-        return self.actor.logprobs.remote(rollout_refs, rank, world)  # type: ignore[no-any-return]
+        return self.actor.logprobs.remote(rollout_refs, rank, world)
 
 
 class RewardHandle(Handle):
@@ -118,4 +119,4 @@ class RewardHandle(Handle):
         records: list[dict[str, Any]],
         samples_per_prompt: int,
     ) -> ObjectRef[list[float]]:
-        return self.actor.score.remote(rollout_refs, records, samples_per_prompt)  # type: ignore[no-any-return]
+        return self.actor.score.remote(rollout_refs, records, samples_per_prompt)

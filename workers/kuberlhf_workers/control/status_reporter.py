@@ -11,7 +11,6 @@ Credentials: the pod's ServiceAccount token (in cluster), or KUBECONFIG when set
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -19,6 +18,8 @@ import os
 import threading
 import time
 from typing import Any
+
+from kuberlhf.kube import now_rfc3339, rlhfjob_path
 
 log = logging.getLogger("kuberlhf.status")
 
@@ -52,7 +53,7 @@ def _api_client() -> Any:
 class StatusReporter:
     def __init__(self, job_name: str, namespace: str, api_client: Any = None, min_interval_s: float = 5.0,
                  timeout_s: float = PATCH_TIMEOUT_S) -> None:
-        self.path = f"/apis/kuberlhf.io/v1alpha1/namespaces/{namespace}/rlhfjobs/{job_name}/status"
+        self.path = rlhfjob_path(namespace, job_name, "status")
         self.min_interval_s = min_interval_s
         self.timeout_s = timeout_s
         self.sent = 0
@@ -68,7 +69,7 @@ class StatusReporter:
 
     def report(self, step: int, total: int, metrics: dict[str, Any], last_checkpoint: str | None) -> None:
         """Queue this step's progress (replacing any unsent one) and return immediately."""
-        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         with self._wake:
             self._pending = progress_document(step, total, metrics, last_checkpoint, now)
             self._wake.notify()

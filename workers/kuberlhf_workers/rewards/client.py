@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 MAX_BACKOFF_S = 10.0
+BATCH_SIZE, CONCURRENCY = 64, 4  # rows per request, requests in flight
 
 
 class RewardServerError(RuntimeError):
@@ -61,8 +62,8 @@ class RewardClient:
         timeout_s: float = 30,
         max_retries: int = 3,
         token: str | None = None,
-        concurrency: int = 4,
-        batch_size: int = 64,
+        concurrency: int = CONCURRENCY,
+        batch_size: int = BATCH_SIZE,
         backoff_s: float = 0.5,
     ):
         if batch_size < 1 or concurrency < 1:

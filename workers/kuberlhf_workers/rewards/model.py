@@ -83,7 +83,7 @@ def train_tiny_reward_model(out_dir: str | Path, tokenizer_dir: str | Path, seed
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # num_labels is a PretrainedConfig kwarg
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,

@@ -18,11 +18,13 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kuberlhf.api import RewardSource, RewardSpec
 from kuberlhf.files import find_spec_file
+from kuberlhf_workers.rewards.client import BATCH_SIZE, CONCURRENCY, MAX_BACKOFF_S, RewardClient
 
 RewardFn = Callable[..., list[float]]
 FIELD = "spec.reward.function"
@@ -89,7 +91,7 @@ def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:
     fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"{FIELD}: {attr!r} in {where} is a {type(fn).__name__}, not a function")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _function(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
@@ -98,8 +100,6 @@ def _function(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> R
 
 
 def _url(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
-    from kuberlhf_workers.rewards.client import RewardClient
-
     assert reward.url is not None
     return RewardClient(
         url=reward.url, timeout_s=reward.timeout_seconds, max_retries=reward.max_retries, token=secret_token
@@ -114,20 +114,49 @@ def _model(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> Rewa
     return RewardModelScorer(resolve_model(reward.model, field="spec.reward.model"))
 
 
-# One loader per `spec.reward` source; each returns the same kind of callable.
-REWARD_SOURCES: dict[RewardSource, Callable[[RewardSpec, Path, str | None], RewardFn]] = {
-    "function": _function,
-    "url": _url,
-    "model": _model,
+@dataclass(frozen=True)
+class RewardSourceKind:
+    """How to load one kind of reward source, and whether scoring calls a server (batched
+    requests with retries and backoff, so a step's scoring may take several request timeouts)."""
+
+    load: Callable[[RewardSpec, Path, str | None], RewardFn]
+    remote: bool
+
+
+REWARD_SOURCES: dict[RewardSource, RewardSourceKind] = {
+    "function": RewardSourceKind(_function, remote=False),
+    "url": RewardSourceKind(_url, remote=True),
+    "model": RewardSourceKind(_model, remote=False),
 }
+
+
+def the_source(reward: RewardSpec) -> RewardSource:
+    """The one source a reward spec sets, or a ValueError naming the field."""
+    chosen = reward.sources()
+    if len(chosen) != 1:
+        raise ValueError(f"spec.reward: set exactly one of function, model or url (got {chosen or 'none'})")
+    return chosen[0]
+
+
+def describe_reward(reward: RewardSpec) -> str:
+    """How errors name the reward: "reward function 'digits.py:reward'", "reward url '...'"."""
+    source = the_source(reward)
+    return f"reward {source} {getattr(reward, source)!r}"
+
+
+def reward_budget_s(reward: RewardSpec, rows: int) -> float:
+    """How long scoring one step may take: every attempt of every request timing out, plus the
+    backoff between attempts. A reward server gets its batches in waves of concurrent requests."""
+    per_request = reward.timeout_seconds * (reward.max_retries + 1)
+    if not REWARD_SOURCES[the_source(reward)].remote:
+        return per_request
+    waves = math.ceil(math.ceil(rows / BATCH_SIZE) / CONCURRENCY)
+    return waves * (per_request + reward.max_retries * MAX_BACKOFF_S)
 
 
 def make_reward_fn(reward: RewardSpec, spec_dir: Path, secret_token: str | None = None) -> RewardFn:
     """The one callable for whichever reward source the spec names."""
-    chosen = reward.sources()
-    if len(chosen) != 1:
-        raise ValueError(f"spec.reward: set exactly one of function, model or url (got {chosen or 'none'})")
-    return REWARD_SOURCES[chosen[0]](reward, spec_dir, secret_token)
+    return REWARD_SOURCES[the_source(reward)].load(reward, spec_dir, secret_token)
 
 
 def describe(fn: Callable[..., Any]) -> str:

@@ -28,7 +28,8 @@ class HFBackend:
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types `.to` oddly
         self._params = dict(self.model.named_parameters())
 
     def generate(self, request: GenerationRequest) -> GenerationResult:

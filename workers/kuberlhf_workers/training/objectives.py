@@ -1,8 +1,9 @@
 """What a DeepSpeed trainer group optimises: one small interface, one table.
 
 The rank (`training.rank`) owns the world, checkpoints and weights; an objective owns the model
-head and the loss. A new training program (an SFT, reward-model or DPO loss) is a new objective
-and a row in `OBJECTIVES`, not a branch in the trainer.
+head and the loss. A new loss over the same DeepSpeed ranks (an SFT, reward-model or DPO
+objective) is a new class here and a row in `OBJECTIVES`, not a branch in the trainer; the
+controller program that feeds it batches is chosen in `control.run.PROGRAMS`.
 """
 
 from __future__ import annotations
@@ -90,11 +91,10 @@ class ValueObjective:
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForTokenClassification
 
-        model: torch.nn.Module = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32
-        )
+        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = pad_id
-        return model
+        module: torch.nn.Module = model
+        return module
 
     def values(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Value of the state in which each response token was chosen ([B, T])."""

@@ -23,7 +23,8 @@ class ReferenceWorker:
         device = pick_device(gpus)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         path = local_model(model)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model = loaded.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` oddly
         self.pad_id = pad_id
         self.temperature = temperature
 
