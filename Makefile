@@ -43,6 +43,10 @@ crd: install
 test: lint typecheck
 	$(PY) -m pytest -q tests
 
+# The fast tier: the tests marked `unit` (no Ray, DeepSpeed, vLLM or kopf), under two minutes.
+unit: install
+	$(PY) -m pytest -q -m unit tests
+
 # The end-to-end test alone; keeps the `kubectl get rlhfjobs` transcript the README shows.
 E2E_TRANSCRIPT ?= tests/e2e/artifacts/transcript.txt
 

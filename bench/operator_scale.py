@@ -43,7 +43,6 @@ sys.path.insert(0, str(BENCH))
 import summary  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "tiny-grpo.yaml"
-KUBERAY_CRDS = Path("/work/shared/data/kuberay-crds")
 OPERATOR_USER = "system:serviceaccount:kuberlhf-system:kuberlhf-operator"
 NAMESPACE = "default"
 JOBS_PATH = f"/apis/kuberlhf.io/v1alpha1/namespaces/{NAMESPACE}/rlhfjobs"
@@ -92,15 +91,14 @@ def owner_job(rayjob: dict[str, Any]) -> str | None:
 def serve_emulator(workdir: Path) -> int:
     """Serve the emulator with the RLHFJob and KubeRay CRDs; answer `requests` on stdin with the
     operator's logged requests as one JSON line, until stdin closes."""
-    import yaml
-
     sys.path.insert(0, str(ROOT))
     from kuberlhf import crd
     from tests.emulator import running_emulator, write_kubeconfig
+    from tests.kuberay_schema import load_kuberay_crd
 
     with running_emulator(workdir) as handle:
-        kuberay = [yaml.load((KUBERAY_CRDS / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
-                   for plural in ("rayjobs", "rayclusters")]
+        # $KUBERLHF_KUBERAY_CRDS, else <repo>/../shared/data/kuberay-crds (tests/kuberay_schema.py).
+        kuberay = [load_kuberay_crd("RayJob"), load_kuberay_crd("RayCluster")]
         for definition in [crd.build_crd(), *kuberay]:
             handle.create(definition)
         token = handle.add_token(OPERATOR_USER)

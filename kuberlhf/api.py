@@ -92,6 +92,12 @@ class Resources(_Model):
     gpus: int = Field(0, ge=0, le=16, description="GPUs per replica; 0 trains / generates on CPU.")
     cpu: str = Field("2", description="CPU request per replica (Kubernetes quantity).")
     memory: str = Field("8Gi", description="Memory request per replica (Kubernetes quantity).")
+    gpu_memory: str | None = Field(
+        None,
+        description="Memory of each GPU (a quantity such as 80Gi), which the memory estimate of "
+        "`kuberlhf plan` / `validate` is checked against; defaults to what nodeSelector's "
+        "nvidia.com/gpu.product implies.",
+    )
 
 
 class SecretKeyRef(_Model):
@@ -117,6 +123,12 @@ class ModelSpec(_Model):
         None, description="Critic initialisation (ppo only); defaults to the actor's weights."
     )
     tokenizer: str | None = Field(None, description="Tokenizer location; defaults to the actor's.")
+    size: str | None = Field(
+        None,
+        pattern=r"^\d+(\.\d+)?[BbMm]$",
+        description="Parameter count of the actor (such as 8B or 135M) for the memory estimate of "
+        "`kuberlhf plan`, when neither its config.json nor its name says.",
+    )
     hub_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a model-hub token for gated models; never copied into status."
     )

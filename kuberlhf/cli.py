@@ -21,6 +21,7 @@ examples:
   kuberlhf validate examples/tiny-grpo.yaml      check a spec (exit 1 names every bad field)
   kuberlhf run examples/tiny-grpo.yaml           train locally on CPU, no cluster needed
   kuberlhf render examples/tiny-grpo.yaml        the Kubernetes objects the operator would create
+  kuberlhf plan examples/llama3-8b-ppo-rm.yaml   where every rank runs and whether it fits its GPUs
   kuberlhf crd | kubectl apply -f -              install the RLHFJob CustomResourceDefinition
   kuberlhf operator --namespace team-a           run the operator (normally via the Helm chart)
 """
@@ -91,6 +92,33 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from kuberlhf import placement
+    from kuberlhf.quantity import parse_quantity
+
+    try:
+        job = load_job(Path(args.file), check_files=False)
+        override = float(parse_quantity(args.gpu_memory)) / 2**30 if args.gpu_memory else None
+    except api.SpecError as exc:
+        for problem in exc.problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        return 1
+    except ValueError:
+        print(f"--gpu-memory: {args.gpu_memory!r} is not a quantity (for example 80Gi)", file=sys.stderr)
+        return 1
+    plan = placement.plan_for(job.spec, read_files=True, gpu_memory_override_gib=override)
+    if args.output == "json":
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print(f"{args.file}: {job.metadata.name}, {plan.model.describe()}")
+        print(placement.render_table(plan))
+    for problem in plan.problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    return 1 if plan.problems else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kuberlhf_workers.control import run
 
@@ -130,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--namespace", "-n", help="namespace of the objects (default: the spec's, or default)")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("plan", help="where every rank runs, its process groups and GPU memory; exit 1 if "
+                       "it cannot run")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--gpu-memory", help="memory of each GPU to check against, e.g. 80Gi (default: from "
+                   "resources.gpuMemory or nodeSelector's nvidia.com/gpu.product)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="train: locally on CPU by default, or inside a RayJob")
     p.add_argument("file", metavar="FILE")

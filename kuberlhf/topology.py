@@ -1,10 +1,10 @@
-"""Which pods exist and which Ray actors land on them, derived from one spec.
+"""Which pods exist, derived from one spec.
 
 The operator turns `worker_groups` into KubeRay worker groups whose pods advertise Ray
-custom resources; the driver asks for the same resources in `actor_requests`, so each
-actor lands on the pod meant for it. Locally the driver declares `local_resources` on
-its private Ray instance. Keeping both sides in one pure module is what makes the
-local run and the cluster run the same program.
+custom resources (`kuberlhf.io/<role>`, one unit per GPU); the driver's placement groups
+(`kuberlhf.placement`) ask for the same units, so each actor lands on the pod meant for it.
+Locally the driver declares `local_resources` on its private Ray instance. Keeping both sides
+in pure modules is what makes the local run and the cluster run the same program.
 """
 
 from __future__ import annotations
@@ -31,23 +31,6 @@ class WorkerGroup:
     ray_resources: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ActorRequest:
-    """What each of `count` Ray actors of a role asks for (used with placement groups)."""
-
-    role: str
-    count: int
-    gpus: float
-    ray_resources: dict[str, float]
-
-    def bundle(self) -> dict[str, float]:
-        """A placement-group bundle for one actor of this role."""
-        bundle = dict(self.ray_resources)
-        if self.gpus:
-            bundle["GPU"] = self.gpus
-        return bundle
-
-
 def uses_critic(spec: RLHFJobSpec) -> bool:
     return ALGORITHMS[spec.algorithm].critic
 
@@ -66,85 +49,27 @@ def reward_has_own_group(spec: RLHFJobSpec) -> bool:
     return spec.reward.model is not None
 
 
-def _colocated_share(spec: RLHFJobSpec) -> int:
-    """How many roles take turns on each actor GPU (OpenRLHF's hybrid engine)."""
-    share = 1
-    if spec.placement == "colocate":
-        share += 1
-    if uses_reference(spec) and spec.reference.colocate_with_actor:
-        share += 1
-    return share
+def _group(role: str, replicas: int, resources: Resources) -> WorkerGroup:
+    # One unit of the role's resource per GPU (per pod on CPU): one placement bundle each.
+    return WorkerGroup(role, replicas, resources, {resource_name(role): float(max(resources.gpus, 1))})
 
 
 def worker_groups(spec: RLHFJobSpec) -> list[WorkerGroup]:
-    """The RayCluster worker groups for a spec, in a stable order."""
-    share = _colocated_share(spec)
-    actor_slots = float(share)
+    """The RayCluster worker groups for a spec, in a stable order. Which ranks share them is
+    `kuberlhf.placement`'s business."""
     groups = []
     if spec.placement == "separate":
-        groups.append(
-            WorkerGroup("rollout", spec.rollout.replicas, spec.rollout.resources,
-                        {resource_name("rollout"): 1.0})
-        )
-    groups.append(
-        WorkerGroup("actor", spec.actor.replicas, spec.actor.resources, {resource_name("actor"): actor_slots})
-    )
+        groups.append(_group("rollout", spec.rollout.replicas, spec.rollout.resources))
+    groups.append(_group("actor", spec.actor.replicas, spec.actor.resources))
     if uses_critic(spec):
         critic = spec.critic
         replicas = critic.replicas if critic else spec.actor.replicas
-        resources = critic.resources if critic else spec.actor.resources
-        groups.append(WorkerGroup("critic", replicas, resources, {resource_name("critic"): 1.0}))
+        groups.append(_group("critic", replicas, critic.resources if critic else spec.actor.resources))
     if reference_has_own_group(spec):
-        groups.append(
-            WorkerGroup("reference", spec.reference.replicas, spec.reference.resources,
-                        {resource_name("reference"): 1.0})
-        )
+        groups.append(_group("reference", spec.reference.replicas, spec.reference.resources))
     if reward_has_own_group(spec):
-        groups.append(
-            WorkerGroup("reward", spec.reward.replicas, spec.reward.resources, {resource_name("reward"): 1.0})
-        )
+        groups.append(_group("reward", spec.reward.replicas, spec.reward.resources))
     return groups
-
-
-def actor_requests(spec: RLHFJobSpec) -> dict[str, ActorRequest]:
-    """The Ray actors the driver creates per role, and what each one asks for."""
-    share = _colocated_share(spec)
-    actor_gpus = spec.actor.resources.gpus / share if spec.actor.resources.gpus else 0.0
-    requests: dict[str, ActorRequest] = {}
-    if spec.placement == "colocate":
-        # A single-GPU engine takes its turn on a trainer's GPU; a tensor-parallel vLLM engine
-        # asks for nothing itself and places its TP workers on the actor GPUs through Ray.
-        single_gpu = spec.rollout.tensor_parallel_size == 1 and spec.rollout.resources.gpus > 0
-        requests["rollout"] = ActorRequest(
-            "rollout", spec.rollout.replicas, 1.0 / share if single_gpu else 0.0,
-            {resource_name("actor"): 1.0},
-        )
-    else:
-        requests["rollout"] = ActorRequest(
-            "rollout", spec.rollout.replicas, float(spec.rollout.resources.gpus),
-            {resource_name("rollout"): 1.0},
-        )
-    requests["actor"] = ActorRequest("actor", spec.actor.replicas, actor_gpus, {resource_name("actor"): 1.0})
-    if uses_critic(spec):
-        critic = spec.critic
-        replicas = critic.replicas if critic else spec.actor.replicas
-        gpus = (critic.resources if critic else spec.actor.resources).gpus
-        requests["critic"] = ActorRequest("critic", replicas, float(gpus), {resource_name("critic"): 1.0})
-    if uses_reference(spec):
-        if spec.reference.colocate_with_actor:
-            requests["reference"] = ActorRequest(
-                "reference", spec.actor.replicas, actor_gpus, {resource_name("actor"): 1.0}
-            )
-        else:
-            requests["reference"] = ActorRequest(
-                "reference", spec.reference.replicas, float(spec.reference.resources.gpus),
-                {resource_name("reference"): 1.0},
-            )
-    if reward_has_own_group(spec):
-        requests["reward"] = ActorRequest(
-            "reward", spec.reward.replicas, float(spec.reward.resources.gpus), {resource_name("reward"): 1.0}
-        )
-    return requests
 
 
 def local_resources(spec: RLHFJobSpec) -> dict[str, float]:

@@ -37,12 +37,44 @@ _CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayService": "ray.io_rayservices.yaml",
 }
+KUBERAY_RELEASE = "v1.7.0"
+CRDS_SOURCE = f"https://github.com/ray-project/kuberay/tree/{KUBERAY_RELEASE}/ray-operator/config/crd/bases"
+
+
+class KubeRayCRDsMissing(FileNotFoundError):
+    """A KubeRay CRD file is not where kuberay_crds_dir() looks; the message says how to get it."""
 
 
 def kuberay_crds_dir() -> Path:
-    """Where the KubeRay CRDs live: $KUBERLHF_KUBERAY_CRDS, else <repo>/../shared/data/kuberay-crds."""
+    """Where the KubeRay CRDs live: $KUBERLHF_KUBERAY_CRDS, else <repo>/../shared/data/kuberay-crds.
+
+    Tests and benchmarks find them here and nowhere else: read them through kuberay_crd_file()."""
     override = os.environ.get(CRDS_ENV)
     return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "kuberay-crds"
+
+
+def kuberay_crd_file(kind: str, folder: Path | None = None) -> Path:
+    """The CRD file of a KubeRay kind (RayJob, RayCluster, RayService) in `folder` (default
+    kuberay_crds_dir()). Raises KubeRayCRDsMissing, naming the release to take the CRDs from and
+    the variable to set, when it is not there."""
+    if kind not in _CRD_FILES:
+        raise ValueError(f"no KubeRay CRD for kind {kind!r}; known: {sorted(_CRD_FILES)}")
+    folder = kuberay_crds_dir() if folder is None else folder
+    path = folder / _CRD_FILES[kind]
+    if not path.is_file():
+        where = (f"{folder} (from ${CRDS_ENV})" if os.environ.get(CRDS_ENV)
+                 else f"{folder} (the default; ${CRDS_ENV} is unset)")
+        raise KubeRayCRDsMissing(
+            f"KubeRay CRD {path.name} not found in {where}. Tests and benchmarks need the unmodified "
+            f"CRDs of the KubeRay {KUBERAY_RELEASE} release: {', '.join(_CRD_FILES.values())}, from "
+            f"github.com/ray-project/kuberay, ray-operator/config/crd/bases at tag {KUBERAY_RELEASE} "
+            f"({CRDS_SOURCE}). Put the three files in one folder and set {CRDS_ENV} to that folder.")
+    return path
+
+
+def load_kuberay_crd(kind: str, folder: Path | None = None) -> dict[str, Any]:
+    """The parsed CRD of a KubeRay kind, found through kuberay_crd_file()."""
+    return yaml.load(kuberay_crd_file(kind, folder).read_text(), Loader=_LOADER)  # type: ignore[no-any-return]
 
 
 def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -76,12 +108,7 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def _validator(kind: str, version: str, crds_dir: Path) -> jsonschema.protocols.Validator:
-    if kind not in _CRD_FILES:
-        raise ValueError(f"no KubeRay CRD for kind {kind!r}; known: {sorted(_CRD_FILES)}")
-    path = crds_dir / _CRD_FILES[kind]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: set {CRDS_ENV} to the folder holding the KubeRay CRDs")
-    crd = yaml.load(path.read_text(), Loader=_LOADER)
+    crd = load_kuberay_crd(kind, crds_dir)
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     if version not in versions:
         raise ValueError(f"{kind} CRD has no version {version!r}; it serves {sorted(versions)}")

@@ -11,6 +11,8 @@ import yaml
 
 from kuberlhf import api
 
+pytestmark = pytest.mark.unit
+
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
 
 ISSUE_SAMPLE = """

@@ -8,6 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).parent.parent
 HEAVY = ("torch", "ray", "deepspeed", "vllm", "transformers", "kuberlhf_workers")
 

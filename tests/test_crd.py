@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from kuberlhf import api, crd
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).parent.parent
 K8S_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
 

@@ -153,6 +153,7 @@ def test_parse_job_answers_any_mutated_example_with_spec_error_lines(doc: Any) -
     problems_of(doc)
 
 
+@pytest.mark.unit
 @settings(FUZZ, max_examples=600)
 @given(junk)
 def test_parse_job_answers_arbitrary_junk_with_spec_error_lines(doc: Any) -> None:
@@ -170,6 +171,7 @@ FLOAT_FIELDS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize(("section", "field"), FLOAT_FIELDS)
 def test_nan_and_infinity_are_refused_for_every_float_field(section: str, field: str, value: float) -> None:
@@ -179,6 +181,7 @@ def test_nan_and_infinity_are_refused_for_every_float_field(section: str, field:
     assert any(p.startswith(f"spec.{section}.{field}: ") for p in problems), problems
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("section", "field", "limit"), [
     (None, "ttlSecondsAfterFinished", 2**31 - 1), ("tolerations", "tolerationSeconds", 2**63 - 1),
 ])
@@ -198,6 +201,7 @@ def test_integers_beyond_what_kubernetes_stores_are_refused(section: str | None,
     assert any(p.startswith(where) for p in problems_of(doc))
 
 
+@pytest.mark.unit
 def test_an_alias_bomb_is_answered_quickly_with_short_lines() -> None:
     """YAML aliases share one object; an error message that printed it whole would never finish."""
     bomb: Any = [1] * 10
@@ -287,6 +291,7 @@ def test_validate_prints_one_line_per_problem_and_never_a_traceback(text: str | 
         assert out.startswith(f"{path}: ") and "valid" in out
 
 
+@pytest.mark.unit
 def test_validate_names_the_field_of_a_typo_and_exits_1() -> None:
     text = (EXAMPLES / "tiny-grpo.yaml").read_text().replace("samplesPerPrompt: 4", "samplesPerPromt: 4")
     code, _, err, path = run_validate(text)
@@ -295,6 +300,7 @@ def test_validate_names_the_field_of_a_typo_and_exits_1() -> None:
                                 "(check the spelling; fields are camelCase)"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("text", "fragment"), [
     (b"spec: \xff\xfe\n", "not UTF-8 text"),
     ("spec: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),

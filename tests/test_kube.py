@@ -21,5 +21,6 @@ def test_timestamps_are_utc_whole_seconds_with_a_z_whatever_the_input_zone() -> 
 
 
 def test_the_status_path_is_spelt_from_the_api_group_version_and_plural() -> None:
-    assert rlhfjob_path("team-a", "tiny") == f"/apis/{api.GROUP}/{api.VERSION}/namespaces/team-a/rlhfjobs/tiny"
+    expected = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/team-a/rlhfjobs/tiny"
+    assert rlhfjob_path("team-a", "tiny") == expected
     assert rlhfjob_path("team-a", "tiny", "status").endswith("/rlhfjobs/tiny/status")

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from kuberlhf.api import API_VERSION, KIND, RLHFJob, spec_to_dict
+from kuberlhf.api import API_VERSION, KIND, RLHFJob, SpecError, spec_to_dict
+from kuberlhf.placement import plan_for
 from kuberlhf.topology import WorkerGroup, worker_groups
 from kuberlhf_operator.names import (
     QUEUE_LABEL,
@@ -181,12 +182,21 @@ def build_rayjob(job: RLHFJob, namespace: str) -> dict[str, Any]:
     }
 
 
+def check_plan(job: RLHFJob) -> None:
+    """Refuse a job whose placement cannot work or does not fit its GPUs (`kuberlhf plan` shows why).
+    The model's shape comes from its name or `model.size`: the operator has no model files."""
+    problems = plan_for(job.spec).problems
+    if problems:
+        raise SpecError(problems)
+
+
 def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
     then storage and the spec the pods mount, the network policy before any pod exists, the RayJob
     last."""
     check_quantities(job.spec)
     check_checkpoint_path(job)
+    check_plan(job)
     pvc = build_pvc(job, namespace)
     return [
         *build_driver_rbac(job, namespace),

@@ -9,7 +9,6 @@ Events; the operator posts its own Normal/Warning Events at each transition.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from collections.abc import Mapping
@@ -17,16 +16,14 @@ from typing import Any
 
 import kopf
 
-from kuberlhf.api import SpecError, parse_job, spec_to_dict
+from kuberlhf.api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_job, spec_to_dict
+from kuberlhf.kube import Obj, now_rfc3339
 from kuberlhf_operator import status as st
 from kuberlhf_operator.builders import build_all, child_names
 from kuberlhf_operator.kubeapi import ApiError, KubeApi, object_path
 from kuberlhf_operator.metrics import Metrics
 from kuberlhf_operator.names import JOB_LABEL
 
-Obj = dict[str, Any]
-GROUP, VERSION, PLURAL = "kuberlhf.io", "v1alpha1", "rlhfjobs"
-API_VERSION = f"{GROUP}/{VERSION}"
 APPLIED_SPEC = "kuberlhf.io/applied-spec"
 MUTABLE_FIELDS = ("suspend", "backoffLimit", "ttlSecondsAfterFinished")
 CONFLICT_RETRIES = 5
@@ -34,10 +31,6 @@ CONFLICT_RETRIES = 5
 KEEP_CONTENT_ON_ADOPTION = ("RayJob", "PersistentVolumeClaim")
 
 log = logging.getLogger("kuberlhf.operator")
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def plain(value: Any) -> Any:

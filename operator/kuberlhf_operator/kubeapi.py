@@ -29,7 +29,7 @@ from typing import Any
 
 import kubernetes
 
-Obj = dict[str, Any]
+from kuberlhf.kube import Obj
 
 PLURALS = {
     "ServiceAccount": "serviceaccounts",

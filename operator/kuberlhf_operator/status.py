@@ -9,9 +9,8 @@ so a merge patch of it cannot clobber them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-Obj = dict[str, Any]
+from kuberlhf.kube import Obj
 
 PENDING, LAUNCHING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Launching", "Running", "Suspended", "Succeeded", "Failed")

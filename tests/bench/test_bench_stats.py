@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 from bench import operator_scale as bench_operator  # noqa: E402
 from bench import stats, summary, weight_sync  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 # -- bench/stats.py -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 from bench import gpu, summary  # noqa: E402
 from kuberlhf.api import parse_job  # noqa: E402
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def _spec(gpus: int, engine: str = "vllm") -> dict:

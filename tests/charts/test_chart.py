@@ -20,6 +20,8 @@ from packaging.version import Version
 from kuberlhf import api
 from kuberlhf_operator.rbac import driver_rules
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "kuberlhf"
 RELEASE, NAMESPACE = "kuberlhf", "kuberlhf-system"

@@ -27,14 +27,14 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from kuberay_schema import kuberay_crd_file
 
 from kuberlhf_operator.kubeapi import KubeApi
 from tests.e2e.apiserver import write_kubeconfig
 from tests.e2e.entrypoint_runner import REPO, VENV_BIN, EntrypointRunner
 from tests.emulator.kuberay_standin import STANDIN_USER, KubeRayStandIn
+from tests.tools import require_kubectl
 
-KUBECTL = "/usr/bin/kubectl"
-KUBERAY_CRDS = Path("/work/shared/data/kuberay-crds")
 CHART_DIR = REPO / "charts" / "kuberlhf"
 RELEASE, OPERATOR_NAMESPACE = "kuberlhf", "kuberlhf-system"
 INSTALLED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
@@ -85,7 +85,7 @@ class Cluster:
     proc: subprocess.Popen[bytes] | None = None
 
     def kubectl(self, *args: str, timeout_s: float = 60, check: bool = True) -> str:
-        result = subprocess.run([KUBECTL, "--kubeconfig", str(self.admin_kubeconfig), *args],
+        result = subprocess.run([require_kubectl(), "--kubeconfig", str(self.admin_kubeconfig), *args],
                                 capture_output=True, text=True, timeout=timeout_s)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
@@ -175,8 +175,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.kubectl("apply", "-f", str(crd_file))
         # KubeRay's CRDs are installed by KubeRay's own chart; `create`, as its docs advise: they are
         # too large for apply's last-applied annotation.
-        for plural in ("rayclusters", "rayjobs"):
-            cluster.kubectl("create", "-f", str(KUBERAY_CRDS / f"ray.io_{plural}.yaml"))
+        for kind in ("RayCluster", "RayJob"):
+            cluster.kubectl("create", "-f", str(kuberay_crd_file(kind)))
         namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}
         install = work / "chart-rbac.yaml"
         install.write_text(yaml.safe_dump_all([namespace, *chart_install_objects()]))

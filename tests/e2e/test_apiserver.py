@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.apiserver import read_tokens
+
+pytestmark = pytest.mark.unit
 
 
 def test_read_tokens_maps_each_token_to_its_user_and_skips_a_half_written_line(tmp_path: Path) -> None:

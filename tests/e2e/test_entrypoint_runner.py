@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.entrypoint_runner import head_pod, local_argv, map_path
+
+pytestmark = pytest.mark.unit
 
 ENTRYPOINT = "kuberlhf run /etc/kuberlhf/rlhfjob.yaml --ray-address auto --output /checkpoints/j --quiet"
 RAYJOB = {

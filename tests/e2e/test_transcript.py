@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.e2e.transcript import Transcript, parse_table
+
+pytestmark = pytest.mark.unit
 
 TABLE = """\
 NAME        PHASE     ALGORITHM   STEP   TOTAL   REWARD   AGE

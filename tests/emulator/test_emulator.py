@@ -19,6 +19,8 @@ from kuberlhf import crd
 from tests.emulator import EmulatorHandle, running_emulator
 from tests.emulator.objects import PatchError, json_patch, label_selector_matches, merge_patch
 
+pytestmark = pytest.mark.unit
+
 CMS = "/api/v1/namespaces/default/configmaps"
 JOBS = "/apis/kuberlhf.io/v1alpha1/namespaces/default/rlhfjobs"
 MERGE = "application/merge-patch+json"

@@ -21,6 +21,8 @@ from packaging.specifiers import SpecifierSet
 from kuberlhf import api, cli
 from kuberlhf_operator import builders, pods
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -18,7 +18,7 @@ from typing import Any
 
 import kopf
 import pytest
-import yaml
+from kuberay_schema import load_kuberay_crd
 
 from kuberlhf import crd
 from kuberlhf_operator.handlers import build_registry, make_settings
@@ -27,19 +27,16 @@ from kuberlhf_operator.metrics import Metrics
 from tests.emulator import EmulatorHandle, running_emulator, write_kubeconfig
 from tests.emulator.kuberay_standin import STANDIN_USER, KubeRayStandIn, Runner
 
-KUBERAY_CRDS = Path("/work/shared/data/kuberay-crds")
 OPERATOR_USER = "system:serviceaccount:kuberlhf-system:kuberlhf-operator"
 
 
 @functools.cache
 def _kuberay_crd_text() -> str:
-    documents = [yaml.load((KUBERAY_CRDS / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
-                 for plural in ("rayjobs", "rayclusters")]
-    return json.dumps(documents)
+    return json.dumps([load_kuberay_crd("RayJob"), load_kuberay_crd("RayCluster")])
 
 
 def kuberay_crds() -> list[dict[str, Any]]:
-    """The real KubeRay v1.7.0 RayJob and RayCluster CRDs, read (once) from the shared data folder."""
+    """The real KubeRay v1.7.0 RayJob and RayCluster CRDs, read once (kuberay_schema finds them)."""
     return json.loads(_kuberay_crd_text())  # type: ignore[no-any-return]
 
 

@@ -14,6 +14,8 @@ from kuberlhf.topology import worker_groups
 from kuberlhf_operator import builders
 from kuberlhf_operator.quantities import parse_quantity, shm_size
 
+pytestmark = pytest.mark.unit
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 COMMON_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by", "app.kubernetes.io/instance",
                  "kuberlhf.io/job")
@@ -92,11 +94,11 @@ def test_the_rm_example_runs_four_rollout_gpus_and_reward_servers_on_their_own_g
     assert groups["reward"]["resources"] == {"kuberlhf.io/reward": "1"}
 
 
-def test_colocated_example_shares_actor_gpus_between_actor_rollout_and_reference() -> None:
+def test_colocated_example_shares_actor_gpus_between_actor_and_rollout() -> None:
     groups = groups_by_name(rayjob(example("qwen2.5-72b-grpo-colocate")))
     assert "rollout" not in groups and "reference" not in groups
-    # Three roles take turns on each actor GPU: trainer, vLLM engine, reference.
-    assert groups["actor"]["resources"] == {"kuberlhf.io/actor": "3"}
+    # One unit per GPU: one placement bundle, which the trainer rank and the vLLM worker share.
+    assert groups["actor"]["resources"] == {"kuberlhf.io/actor": "1"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_GROUPS))

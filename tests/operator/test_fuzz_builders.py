@@ -134,6 +134,7 @@ BASE: dict[str, Any] = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("path", "value", "field"), [
     (("actor", "resources", "cpu"), "lots", "spec.actor.resources.cpu"),
     (("actor", "resources", "memory"), "8GB", "spec.actor.resources.memory"),
@@ -156,6 +157,7 @@ def test_a_malformed_quantity_is_a_spec_error_naming_its_field(path: tuple[str, 
     assert repr(value) in " ".join(raised.value.problems)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("path", "reason"), [
     ("/", "whole filesystem"), ("", "whole filesystem"), ("..", "whole filesystem"),
     ("/etc/kuberlhf", "/etc/kuberlhf"), ("/etc", "/etc/kuberlhf"), ("/etc/kuberlhf/ckpt", "/etc/kuberlhf"),
@@ -173,6 +175,7 @@ def test_a_checkpoint_path_that_would_break_the_pods_is_a_spec_error(path: str, 
         assert reason in problem and "/checkpoints" in problem, "names the clash and a fix"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", ["/checkpoints", "ckpt", "/tmp/checkpoints", "/data/etc", "/dev/shmem"])
 def test_a_checkpoint_path_beside_the_reserved_folders_is_mounted_as_given(path: str) -> None:
     doc = copy.deepcopy(BASE)
@@ -198,6 +201,7 @@ def strings(node: Any) -> list[str]:
     return [node] if isinstance(node, str) else []
 
 
+@pytest.mark.unit
 def test_rendered_objects_carry_secret_references_never_secret_values() -> None:
     """The user's Secret holds the values; the builders see only {name, key} and must pass only that on."""
     user_secrets = [

@@ -18,6 +18,7 @@ from kuberlhf_operator.kubeapi import OPERATOR_RULES, KubeApi
 from tests.emulator import EmulatorHandle
 from tests.emulator.kuberay_standin import sleep_runner
 from tests.operator.conftest import OPERATOR_USER, running_operator, running_standin, wait_for
+from tests.tools import require_kubectl
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-grpo.yaml"
 JOBS = "/apis/kuberlhf.io/v1alpha1/namespaces/default/rlhfjobs"
@@ -46,7 +47,7 @@ def events_for(handle: EmulatorHandle, name: str) -> list[dict[str, Any]]:
 
 def kubectl(handle: EmulatorHandle, *args: str) -> str:
     env = {**os.environ, "KUBECONFIG": str(handle.kubeconfig)}
-    done = subprocess.run(["/usr/bin/kubectl", *args], env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([require_kubectl(), *args], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

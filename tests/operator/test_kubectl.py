@@ -12,17 +12,18 @@ import pytest
 import yaml
 
 from tests.emulator import EmulatorHandle
+from tests.tools import kubectl_path, require_kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
-KUBECTL = "/usr/bin/kubectl"
 EXAMPLE = ROOT / "examples" / "tiny-grpo.yaml"
 
-pytestmark = pytest.mark.skipif(not Path(KUBECTL).exists(), reason="the real kubectl is not installed here")
+pytestmark = pytest.mark.skipif(kubectl_path() is None, reason="the real kubectl is not on PATH")
 
 
 def kubectl(handle: EmulatorHandle, *args: str, stdin: str | None = None, ok: bool = True) -> str:
     env = {**os.environ, "KUBECONFIG": str(handle.kubeconfig)}
-    done = subprocess.run([KUBECTL, *args], input=stdin, env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([require_kubectl(), *args], input=stdin, env=env, capture_output=True, text=True,
+                          timeout=30)
     if ok:
         assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
@@ -76,7 +77,7 @@ def test_kubectl_get_watch_streams_changes(emulator: EmulatorHandle) -> None:
     kubectl(emulator, "apply", "-f", "-", stdin=crd_yaml)
     kubectl(emulator, "apply", "-f", str(EXAMPLE))
     env = {**os.environ, "KUBECONFIG": str(emulator.kubeconfig)}
-    watcher = subprocess.Popen([KUBECTL, "get", "rlhfjobs", "-w", "--request-timeout=5s"], env=env,
+    watcher = subprocess.Popen([require_kubectl(), "get", "rlhfjobs", "-w", "--request-timeout=5s"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)

@@ -17,6 +17,8 @@ from kuberlhf import api
 from kuberlhf_operator import builders, netpol
 from tests.kuberay_schema import builtin_versions, validate_builtin, validate_kuberay
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "team-a"
 UID = "6f1c0b1e-1111-4a4a-9c9c-0123456789ab"

@@ -8,11 +8,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kuberay_schema
 import pytest
 import yaml
 from kuberay_schema import (
     CRDS_ENV,
+    KubeRayCRDsMissing,
     builtin_versions,
+    kuberay_crd_file,
     kuberay_crds_dir,
     validate_builtin,
     validate_kuberay,
@@ -20,6 +23,8 @@ from kuberay_schema import (
 
 from kuberlhf import api, cli, specfile
 from kuberlhf_operator import builders
+
+pytestmark = pytest.mark.unit
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
@@ -64,8 +69,10 @@ def everything_set() -> api.RLHFJob:
     return api.parse_job(doc)
 
 
-def test_the_kuberay_crds_are_where_the_helper_looks() -> None:
-    assert (kuberay_crds_dir() / "ray.io_rayjobs.yaml").is_file(), f"set {CRDS_ENV}"
+@pytest.mark.parametrize("kind", ["RayJob", "RayCluster", "RayService"])
+def test_the_kuberay_crds_are_where_the_helper_looks(kind: str) -> None:
+    # Fails (never skips) with where to get them when they are missing.
+    assert kuberay_crd_file(kind).parent == kuberay_crds_dir()
 
 
 def test_k8s_versions_cover_1_29_to_1_34() -> None:
@@ -182,8 +189,30 @@ def test_strict_builtin_validation_rejects_an_unknown_field() -> None:
         assert len(errors) == 1 and "'resourceName' was unexpected" in errors[0]
 
 
-def test_missing_crds_folder_says_how_to_point_at_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_crds_folder_says_where_to_get_them_and_how_to_point_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(CRDS_ENV, str(tmp_path))
     assert kuberay_crds_dir() == tmp_path
-    with pytest.raises(FileNotFoundError, match=CRDS_ENV):
-        validate_kuberay(_rayjob())
+    for attempt in (lambda: validate_kuberay(_rayjob()), lambda: kuberay_crd_file("RayService")):
+        with pytest.raises(KubeRayCRDsMissing) as missing:
+            attempt()
+        message = str(missing.value)
+        assert isinstance(missing.value, FileNotFoundError)
+        for needed in (CRDS_ENV, str(tmp_path), "KubeRay v1.7.0", "github.com/ray-project/kuberay",
+                       "ray-operator/config/crd/bases", "ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml",
+                       "ray.io_rayservices.yaml"):
+            assert needed in message, (needed, message)
+
+
+def test_a_clone_with_nothing_beside_it_fails_naming_the_release_and_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(CRDS_ENV, raising=False)
+    monkeypatch.setattr(kuberay_schema, "REPO_ROOT", tmp_path / "kuberlhf")
+    assert kuberay_crds_dir() == tmp_path / "shared" / "data" / "kuberay-crds"
+    with pytest.raises(KubeRayCRDsMissing) as missing:
+        kuberay_crd_file("RayJob")
+    message = str(missing.value)
+    for needed in (f"{CRDS_ENV} is unset", "KubeRay v1.7.0", "tag v1.7.0", f"set {CRDS_ENV}"):
+        assert needed in message, (needed, message)

@@ -8,6 +8,8 @@ import pytest
 
 from kuberlhf_operator import status as st
 
+pytestmark = pytest.mark.unit
+
 NOW = "2026-11-25T12:00:00Z"
 LATER = "2026-11-25T12:05:00Z"
 

@@ -12,6 +12,8 @@ import pytest
 from kuberlhf.api import DataSpec
 from kuberlhf_workers.base.data import PromptSampler, load_prompts
 
+pytestmark = pytest.mark.unit
+
 
 def _spec(prompts: str, **kw: object) -> DataSpec:
     return DataSpec.model_validate({"prompts": prompts, **kw})

@@ -20,6 +20,7 @@ from kuberlhf_workers.base.transports import (
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.unit
 def test_buckets_group_parameters_up_to_the_size_limit_and_never_mix_dtypes():
     meta = [
         ParamMeta("a", (256,), "float32"),
@@ -32,6 +33,7 @@ def test_buckets_group_parameters_up_to_the_size_limit_and_never_mix_dtypes():
     assert [[m.name for m in b] for b in buckets] == [["a", "b"], ["c"], ["d", "e"]]
 
 
+@pytest.mark.unit
 def test_auto_transport_is_gloo_on_cpu_and_nccl_on_gpu_and_nccl_needs_gpus():
     assert resolve_transport("auto", on_gpu=False) == "gloo"
     assert resolve_transport("auto", on_gpu=True) == "nccl"

@@ -20,11 +20,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_example_digits_reward_loads_relative_to_the_spec_dir() -> None:
     fn = load_reward_function("rewards/digits.py:reward", EXAMPLES)
     assert fn(["p", "p"], ["a1", "1234"]) == [0.5, 1.0]
 
 
+@pytest.mark.unit
 def test_files_with_the_same_name_stay_separate_modules(tmp_path: Path) -> None:
     _write(tmp_path / "a" / "reward.py", "def fn(p, c, **kw):\n    return [1.0] * len(c)\n")
     _write(tmp_path / "b" / "reward.py", "def fn(p, c, **kw):\n    return [2.0] * len(c)\n")
@@ -34,6 +36,7 @@ def test_files_with_the_same_name_stay_separate_modules(tmp_path: Path) -> None:
     assert first.__module__ != second.__module__
 
 
+@pytest.mark.unit
 def test_reward_file_may_import_a_helper_next_to_it(tmp_path: Path) -> None:
     _write(tmp_path / "r" / "kuberlhf_test_helper_mod.py", "BONUS = 3.0\n")
     _write(
@@ -43,6 +46,7 @@ def test_reward_file_may_import_a_helper_next_to_it(tmp_path: Path) -> None:
     assert load_reward_function("r/main.py:fn", tmp_path)(["x"], ["y"]) == [3.0]
 
 
+@pytest.mark.unit
 def test_module_reference_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write(tmp_path / "kuberlhf_test_rewards_pkg" / "__init__.py", "")
     _write(
@@ -54,6 +58,7 @@ def test_module_reference_is_imported(tmp_path: Path, monkeypatch: pytest.Monkey
     assert fn(["a", "b"], ["xyz", ""]) == [3, 0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
@@ -76,11 +81,13 @@ def test_bad_references_name_the_field_and_the_problem(tmp_path: Path, ref: str,
         load_reward_function(ref, tmp_path)
 
 
+@pytest.mark.unit
 def test_make_reward_fn_loads_the_function_source() -> None:
     fn = make_reward_fn(RewardSpec(function="rewards/math_verify.py:reward"), EXAMPLES)
     assert fn(["q", "q"], ["so \\boxed{4}", "\\boxed{5}"], answer=["4", "4"]) == [1.0, 0.0]
 
 
+@pytest.mark.unit
 def test_make_reward_fn_requires_exactly_one_source() -> None:
     with pytest.raises(ValueError, match=r"spec\.reward: set exactly one of function, model or url"):
         make_reward_fn(RewardSpec(), Path("."))
@@ -92,6 +99,7 @@ def length_reward(prompts: list[str], completions: list[str], **kw: object) -> l
     return [float(len(c)) for c in completions]
 
 
+@pytest.mark.unit
 def test_score_passes_extra_columns_and_returns_floats() -> None:
     def by_answer(prompts, completions, answer, level):
         return [int(c == a) + lv for c, a, lv in zip(completions, answer, level, strict=True)]
@@ -102,6 +110,7 @@ def test_score_passes_extra_columns_and_returns_floats() -> None:
     assert score(lambda p, c: np.array([0.5, 1.5]), ["p", "p"], ["a", "b"]) == [0.5, 1.5]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("returned", "message"),
     [
@@ -121,6 +130,7 @@ def test_score_rejects_bad_results_naming_the_function(returned: object, message
         score(bad_reward, ["p", "q"], ["a", "b"])
 
 
+@pytest.mark.unit
 def test_score_wraps_exceptions_from_user_code() -> None:
     def crashing(prompts, completions, **kw):
         raise KeyError("answer")
@@ -130,6 +140,7 @@ def test_score_wraps_exceptions_from_user_code() -> None:
     assert isinstance(info.value.__cause__, KeyError)
 
 
+@pytest.mark.unit
 def test_score_checks_column_lengths_before_calling() -> None:
     with pytest.raises(ValueError, match=r"extra column 'answer' has 1 values for 2 completions"):
         score(length_reward, ["p", "q"], ["a", "b"], {"answer": ["x"]})
@@ -155,6 +166,7 @@ def test_make_reward_fn_serves_a_local_reward_model(tiny_model_dir: Path, tmp_pa
         make_reward_fn(RewardSpec(model=str(tmp_path / "missing")), Path("."))
 
 
+@pytest.mark.unit
 def test_make_reward_fn_wires_url_spec_into_the_reward_client() -> None:
     from kuberlhf_workers.rewards.client import RewardClient
 
@@ -167,6 +179,7 @@ def test_make_reward_fn_wires_url_spec_into_the_reward_client() -> None:
     assert (fn.timeout_s, fn.max_retries, fn.token) == (5.0, 1, "s3cret")
 
 
+@pytest.mark.unit
 def test_relative_reward_file_is_also_found_on_sys_path(tmp_path, monkeypatch):
     """In a cluster the spec lives in a ConfigMap mount; the image ships rewards/ on PYTHONPATH."""
     image_dir = tmp_path / "image"

@@ -22,6 +22,8 @@ from kuberlhf_workers.training.algorithms import (
     value_loss,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def t(rows: list) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)

@@ -10,6 +10,8 @@ from kuberlhf_workers.base.samples import GenerationResult, merge_results
 from kuberlhf_workers.training.batch import collate, shard, token_logprobs
 from kuberlhf_workers.training.layout import train_layout
 
+pytestmark = pytest.mark.unit
+
 PAD = 0
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kuberlhf import topology
+from kuberlhf import placement, topology
 from kuberlhf.api import RLHFJob, RLHFJobSpec
 from kuberlhf_workers.base.samples import summarize
 from kuberlhf_workers.control import checkpoint as ckpt
@@ -28,6 +28,7 @@ from kuberlhf_workers.control.faults import (
     wait_all,
     wait_ready,
 )
+from kuberlhf_workers.control.groups import Placements
 from kuberlhf_workers.control.handles import ReferenceHandle, RewardHandle, RolloutHandle, TrainerHandle
 from kuberlhf_workers.control.metrics import ProgressCallback
 from kuberlhf_workers.control.rollout_queue import (
@@ -101,7 +102,7 @@ class Driver:
         self.ckpt_root = ckpt.resolve_root(self.spec.checkpoint.path, output_dir)
         self.stop_requested = False
         self.last_checkpoint: str | None = None
-        self._groups: list[Any] = []  # Ray placement groups, removed on release
+        self.placements = Placements(placement.plan_for(self.spec), job.metadata.name)
         self._pending: deque[PendingRollout] = deque()
         self.rollouts: list[RolloutHandle] = []
         self._weight_sync: WeightSync | None = None
@@ -123,7 +124,7 @@ class Driver:
         from kuberlhf_workers.control.startup import start_workers
 
         local = self.ray_address == "local"
-        workers = start_workers(self.job, self.spec_dir, local, self.step_timeout, self._groups)
+        workers = start_workers(self.job, self.spec_dir, local, self.step_timeout, self.placements)
         self.sampler = workers.sampler
         self.rollouts = workers.rollout_group.actors  # the same list: a replaced engine shows up here
         self.actors, self.critics = workers.actors, workers.critics
@@ -375,9 +376,7 @@ class Driver:
 
     def release(self) -> None:
         """Kill this run's actors and free its placement groups (Ray itself may be shared)."""
-        import ray
 
         for handle in [*self.rollouts, *self.actors, *self.critics, *self.references, *self.rewards]:
             handle.kill()
-        for group in self._groups:
-            ray.util.remove_placement_group(group)
+        self.placements.remove()

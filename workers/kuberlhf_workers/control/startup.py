@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kuberlhf import topology
+from kuberlhf import placement
 from kuberlhf.api import RLHFJob, TrainerRole
 from kuberlhf_workers.base.data import PromptSampler, load_prompts
 from kuberlhf_workers.base.models import ModelRef, local_model
 from kuberlhf_workers.control.faults import wait_all
-from kuberlhf_workers.control.groups import ActorGroup, start_group, threads_per_actor
+from kuberlhf_workers.control.groups import ActorGroup, Placements, start_group, threads_per_actor
 from kuberlhf_workers.control.handles import ReferenceHandle, RewardHandle, RolloutHandle, TrainerHandle
 from kuberlhf_workers.control.weight_sync import WeightSync
 from kuberlhf_workers.rewards.worker import RewardWorker
@@ -42,12 +41,18 @@ class Workers:
     rewards: list[RewardHandle] = field(default_factory=list)
 
 
-def start_workers(job: RLHFJob, spec_dir: Path, local: bool, timeout_s: float, groups: list[Any]) -> Workers:
-    """Start everything a step needs; placement groups are appended to `groups` (the caller removes
-    them). Bad batch arithmetic and unknown models fail here, naming the field, before any actor."""
+def start_workers(
+    job: RLHFJob, spec_dir: Path, local: bool, timeout_s: float, placements: Placements
+) -> Workers:
+    """Start everything a step needs in the seats of `placements`' plan (the caller removes its
+    placement groups). Bad batch arithmetic and unknown models fail here, naming the field,
+    before any actor."""
     from transformers import AutoTokenizer
 
     spec = job.spec
+    plan = placements.plan
+    if plan.problems:
+        raise ValueError("; ".join(plan.problems))
     rows = spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
     train_layout(rows, spec.actor, "actor")
     if spec.critic is not None:
@@ -64,50 +69,43 @@ def start_workers(job: RLHFJob, spec_dir: Path, local: bool, timeout_s: float, g
     sampler = PromptSampler(load_prompts(spec.data, spec_dir), spec.seed, spec.data.shuffle)
 
     threads = threads_per_actor(spec, local)
-    requests = topology.actor_requests(spec)
-    name = job.metadata.name
-    req = requests["rollout"]
+    rollout_seats = placement.seats(plan, spec, "rollout")
     rollout_group = start_group(
         RolloutWorker,
-        req,
-        f"{name}-rollout",
-        lambda i: (spec, actor_ref, req.gpus, threads),
+        rollout_seats,
+        placements,
+        lambda i: (spec, actor_ref, rollout_seats[i].gpus, threads),
         lambda actor, i: RolloutHandle(actor, f"rollout engine {i}"),
-        groups,
     )
 
     def trainers(role: TrainerRole, model: ModelRef) -> list[TrainerHandle]:
-        treq = requests[role]
+        role_seats = placement.seats(plan, spec, role)
         return start_group(
             TrainerWorker,
-            treq,
-            f"{name}-{role}",
-            lambda i: (role, spec, model, tok_ref, i, treq.gpus, threads, pad_id),
+            role_seats,
+            placements,
+            lambda i: (role, spec, model, tok_ref, i, role_seats[i].gpus, threads, pad_id),
             lambda actor, i: TrainerHandle(actor, f"{role} rank {i}"),
-            groups,
         ).actors
 
     actors = trainers("actor", actor_ref)
-    critics = trainers("critic", critic_ref) if "critic" in requests else []
+    critics = trainers("critic", critic_ref) if plan.ranks_of("critic") else []
     references: list[ReferenceHandle] = []
-    if "reference" in requests:
-        rreq, temperature = requests["reference"], spec.rollout.temperature
+    if plan.ranks_of("reference"):
+        ref_seats, temperature = placement.seats(plan, spec, "reference"), spec.rollout.temperature
         references = start_group(
             ReferenceWorker,
-            rreq,
-            f"{name}-reference",
-            lambda i: (ref_ref, rreq.gpus, threads, pad_id, temperature),
+            ref_seats,
+            placements,
+            lambda i: (ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
-            groups,
         ).actors
-    reward_req = requests.get("reward") or topology.ActorRequest("reward", 1, 0.0, {})
     rewards = start_group(
         RewardWorker,
-        reward_req,
-        f"{name}-reward",
+        placement.seats(plan, spec, "reward"),
+        placements,
         lambda i: (spec, str(spec_dir)),
         lambda actor, i: RewardHandle(actor, f"reward worker {i}"),
-        groups,
     ).actors
 
     worlds = [actors] + ([critics] if critics else [])
@@ -119,6 +117,7 @@ def start_workers(job: RLHFJob, spec_dir: Path, local: bool, timeout_s: float, g
         "starting the workers and DeepSpeed",
         HINT,
     )
-    weight_sync = WeightSync(spec, rollout_group, actors, requests["actor"].gpus > 0, timeout_s)
+    on_gpu = any(r.gpu is not None for r in plan.ranks_of("actor"))
+    weight_sync = WeightSync(spec, rollout_group, actors, on_gpu, timeout_s)
     weight_sync.connect()
     return Workers(sampler, rollout_group, actors, weight_sync, critics, references, rewards)

@@ -1,4 +1,5 @@
-"""The frozen reference policy: log-probs of the rollout's tokens, for the KL term."""
+"""The frozen reference policy: log-probs of the rollout's tokens, for the KL term, computed in
+micro-batches the size of the actor's (the fp32 logits of a whole share would not fit a GPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from kuberlhf_workers.training.forward import forward_logits
 class ReferenceWorker:
     """Log-probs for its share of rows in one batched forward (a Ray actor)."""
 
-    def __init__(self, model: ModelRef, gpus: float, threads: int, pad_id: int, temperature: float):
+    def __init__(
+        self, model: ModelRef, gpus: float, threads: int, pad_id: int, temperature: float, micro_batch: int
+    ):
         from transformers import AutoModelForCausalLM
 
         if threads:
@@ -27,6 +30,7 @@ class ReferenceWorker:
         self.model = loaded.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` oddly
         self.pad_id = pad_id
         self.temperature = temperature
+        self.micro_batch = micro_batch  # rows per forward: the logits of a whole share would not fit
 
     def ready(self) -> bool:
         return True
@@ -35,6 +39,10 @@ class ReferenceWorker:
         import ray
 
         batch = collate(merge_results(ray.get(rollout_refs)), self.pad_id)
-        mine = batch.rows(shard(len(batch), rank, world))
+        mine = shard(len(batch), rank, world)
+        parts = []
         with torch.inference_mode():
-            return token_logprobs(forward_logits(self.model, mine), mine, self.temperature).cpu()
+            for start in range(mine.start, mine.stop, self.micro_batch):
+                rows = batch.rows(slice(start, min(start + self.micro_batch, mine.stop)))
+                parts.append(token_logprobs(forward_logits(self.model, rows), rows, self.temperature).cpu())
+        return torch.cat(parts) if parts else torch.zeros((0, batch.response_mask.shape[1]))
