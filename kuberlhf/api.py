@@ -196,8 +196,10 @@ class RolloutSpec(_Model):
 class TrainerSpec(_Model):
     """A DeepSpeed data-parallel trainer group (the actor, or the critic for ppo)."""
 
-    replicas: int = Field(1, ge=1, le=4096, description="Data-parallel ranks.")
-    resources: Resources = Field(default_factory=Resources, description="Per rank.")
+    replicas: int = Field(
+        1, ge=1, le=4096, description="Pods; each runs one data-parallel rank per GPU (one rank on CPU)."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per pod.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in host memory.")
     learning_rate: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
@@ -208,6 +210,11 @@ class TrainerSpec(_Model):
     epochs: int = Field(1, ge=1, le=16, description="Passes over each rollout batch.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel ranks: one per GPU of every pod, one per pod on CPU."""
+        return self.replicas * max(self.resources.gpus, 1)
 
 
 class ReferenceSpec(_Model):
@@ -471,11 +478,13 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     ),
     CrossFieldRule(
         cel="!has(self.actor.globalBatchSize) || "
-        "self.actor.globalBatchSize % (self.actor.microBatchSize * self.actor.replicas) == 0",
+        "self.actor.globalBatchSize % (self.actor.microBatchSize * self.actor.replicas * "
+        "(self.actor.resources.gpus > 0 ? self.actor.resources.gpus : 1)) == 0",
         field="spec.actor.globalBatchSize",
-        message="actor.globalBatchSize must be a multiple of microBatchSize * replicas",
+        message="actor.globalBatchSize must be a multiple of microBatchSize times the ranks "
+        "(replicas * resources.gpus, or replicas on CPU)",
         holds=lambda s: s.actor.global_batch_size is None
-        or s.actor.global_batch_size % (s.actor.micro_batch_size * s.actor.replicas) == 0,
+        or s.actor.global_batch_size % (s.actor.micro_batch_size * s.actor.world_size) == 0,
     ),
 )
 

@@ -45,7 +45,7 @@ def trainer_estimate(
     spec: RLHFJobSpec, trainer: TrainerSpec, shape: ModelShape, *, logits: bool = True
 ) -> Estimate:
     """One DeepSpeed rank of `trainer` (the actor with logits, the critic with a value head)."""
-    p, world, stage = shape.parameters, trainer.replicas, trainer.zero_stage
+    p, world, stage = shape.parameters, trainer.world_size, trainer.zero_stage
     optimizer = 0.0 if trainer.offload_optimizer and stage >= 1 else OPTIMIZER_BYTES * p
     parts = {
         "weights": WEIGHT_BYTES * p / (world if stage >= 3 else 1),

@@ -189,25 +189,17 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
         trainer = _trainer_role(spec, role)
         if trainer is None or (role == "critic" and not topology.uses_critic(spec)):
             continue
-        if trainer.resources.gpus > 1:
-            problems.append(
-                f"spec.{role}.resources.gpus: a DeepSpeed rank drives one GPU; set gpus: 1 and "
-                f"{role}.replicas to the number of GPUs ({trainer.replicas * trainer.resources.gpus})"
-            )
-        place(role, trainer.replicas, role, f"spec.{role}.replicas")
+        place(role, trainer.world_size, role, f"spec.{role}.replicas")
     if topology.uses_reference(spec):
-        count = spec.actor.replicas if spec.reference.colocate_with_actor else spec.reference.replicas
+        own = spec.reference.replicas * max(spec.reference.resources.gpus, 1)
+        count = spec.actor.world_size if spec.reference.colocate_with_actor else own
         place("reference", count, "reference", "spec.reference.replicas")
     tp = spec.rollout.tensor_parallel_size
     for engine in range(spec.rollout.replicas):
         place("rollout", tp, f"rollout-{engine}", "spec.rollout.replicas", engine, first=engine * tp)
     if topology.reward_has_own_group(spec):
-        if spec.reward.resources.gpus > 1:
-            problems.append(
-                "spec.reward.resources.gpus: a reward server scores on one GPU; set gpus: 1 "
-                "and raise reward.replicas instead"
-            )
-        place("reward", spec.reward.replicas, "reward", "spec.reward.replicas")
+        servers = spec.reward.replicas * max(spec.reward.resources.gpus, 1)
+        place("reward", servers, "reward", "spec.reward.replicas")
 
     # Equal shares of each bundle among the ranks on it.
     per_slot: dict[tuple[str, int], int] = {}

@@ -66,7 +66,7 @@ EXPECTED_GROUPS = {
     "tiny-grpo": {"rollout": (1, 0), "actor": (1, 0)},
     "tiny-ppo": {"rollout": (1, 0), "actor": (1, 0), "critic": (1, 0)},
     "llama3-8b-ppo-rm": {"rollout": (4, 1), "actor": (4, 1), "critic": (2, 1), "reward": (2, 1)},
-    "qwen2.5-72b-grpo-colocate": {"actor": (32, 1)},
+    "qwen2.5-72b-grpo-colocate": {"actor": (4, 8)},  # 4 pods x 8 GPUs: 32 ranks
 }
 
 
@@ -97,8 +97,8 @@ def test_the_rm_example_runs_four_rollout_gpus_and_reward_servers_on_their_own_g
 def test_colocated_example_shares_actor_gpus_between_actor_and_rollout() -> None:
     groups = groups_by_name(rayjob(example("qwen2.5-72b-grpo-colocate")))
     assert "rollout" not in groups and "reference" not in groups
-    # One unit per GPU: one placement bundle, which the trainer rank and the vLLM worker share.
-    assert groups["actor"]["resources"] == {"kuberlhf.io/actor": "1"}
+    # One unit per GPU: one placement bundle each, which a trainer rank and a vLLM worker share.
+    assert groups["actor"]["resources"] == {"kuberlhf.io/actor": "8"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_GROUPS))

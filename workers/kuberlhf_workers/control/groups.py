@@ -109,6 +109,6 @@ def threads_per_actor(spec: RLHFJobSpec, local: bool) -> int:
     if not local:
         return 0
     cores = len(os.sched_getaffinity(0))
-    busiest = max(spec.actor.replicas, spec.rollout.replicas, spec.critic.replicas if spec.critic else 1)
+    busiest = max(spec.actor.world_size, spec.rollout.replicas, spec.critic.world_size if spec.critic else 1)
     overlapping = 2 if spec.rollout.off_policy_steps > 0 else 1
     return max(1, cores // (busiest * overlapping))

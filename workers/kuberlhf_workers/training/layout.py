@@ -28,10 +28,10 @@ class Layout:
 
 def train_layout(rows: int, trainer: TrainerSpec, field: str) -> Layout:
     """Check the batch arithmetic up front, with the fix in the message, instead of hanging a rank."""
-    world = trainer.replicas
+    world = trainer.world_size
     if rows % world:
         raise ValueError(
-            f"spec.{field}.replicas: {world} ranks cannot split a rollout batch of {rows} "
+            f"spec.{field}.replicas: {world} ranks (one per GPU) cannot split a rollout batch of {rows} "
             "(promptsPerStep * samplesPerPrompt) evenly; pick a divisor"
         )
     global_batch = trainer.global_batch_size or rows
