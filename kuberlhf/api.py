@@ -272,7 +272,13 @@ class VolumeSpec(_Model):
 class CheckpointSpec(_Model):
     """Checkpointing and resume."""
 
-    path: str = Field("/checkpoints", description="Where checkpoints are written in the pods.")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="Where checkpoints are written: relative to the run's output folder, or absolute. "
+        "Default: <output>/checkpoints. In a cluster the checkpoint volume is mounted there (at "
+        "/checkpoints by default) and the output folder is /checkpoints/<job> on it.",
+    )
     every_steps: int = Field(10, ge=1, description="Save every N steps (and at the end).")
     keep: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
     volume: VolumeSpec = Field(default_factory=VolumeSpec, description="Cluster storage.")

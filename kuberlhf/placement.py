@@ -418,8 +418,8 @@ def seats(plan: Plan, spec: RLHFJobSpec, role: Role) -> list[Seat]:
     """One seat per Ray actor of `role`, in rank order (per engine for the rollout)."""
     host = host_group(spec, role)
     ranks = plan.ranks_of(role)
-    if host is None:
-        return [Seat(None, None, 0.0, {})]  # a light worker (a reward function's) anywhere
+    if host is None:  # light workers (a reward function's or client's), anywhere
+        return [Seat(None, None, 0.0, {}) for _ in range(spec.reward.replicas)]
     share_of = {r.bundle: r.share for r in ranks}
 
     def seat(r: Rank, gpus: float, env: dict[str, str] | None = None) -> Seat:

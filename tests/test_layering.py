@@ -47,7 +47,7 @@ def test_a_base_module_importing_the_controller_is_caught(tree: Path) -> None:
 
 def test_siblings_importing_each_other_are_caught(tree: Path) -> None:
     _plant(tree / "workers/kuberlhf_workers/rewards/sources.py",
-           "from kuberlhf_workers.training.batch import shard")
+           "from kuberlhf_workers.training.batch import collate")
     problems = check(tree)
     assert len(problems) == 1 and "share a layer and must stay independent" in problems[0]
 

@@ -28,9 +28,13 @@ RESERVED_DIRS = {SPEC_DIR: "the job spec is mounted", SHM_DIR: "shared memory is
                  "/tmp/ray": "Ray keeps its session and sockets"}
 
 
+DEFAULT_CHECKPOINT_MOUNT = "/checkpoints"
+
+
 def checkpoint_mount_path(job: RLHFJob) -> str:
-    """Where checkpoints live in the pods; a relative spec path (fine locally) is taken from /."""
-    return posixpath.normpath(posixpath.join("/", job.spec.checkpoint.path))
+    """Where the checkpoint volume is mounted in the pods; a relative spec path (fine locally) is
+    taken from /."""
+    return posixpath.normpath(posixpath.join("/", job.spec.checkpoint.path or DEFAULT_CHECKPOINT_MOUNT))
 
 
 def _overlaps(a: str, b: str) -> bool:

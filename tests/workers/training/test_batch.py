@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kuberlhf.api import TrainerSpec
-from kuberlhf_workers.base.samples import GenerationResult, merge_results
-from kuberlhf_workers.training.batch import collate, shard, token_logprobs
+from kuberlhf_workers.base.samples import GenerationResult, merge_results, shard
+from kuberlhf_workers.training.batch import collate, token_logprobs
 from kuberlhf_workers.training.layout import train_layout
 
 pytestmark = pytest.mark.unit

@@ -58,3 +58,8 @@ def merge_results(results: list[GenerationResult]) -> GenerationResult:
 def summarize(result: GenerationResult) -> dict[str, int]:
     """What the driver learns of a rollout without fetching it."""
     return {"rows": len(result), "response_tokens": sum(len(r) for r in result.response_ids)}
+
+
+def shard(rows: int, rank: int, world: int) -> slice:
+    """The contiguous rows worker `rank` of `world` handles (sizes differ by at most one)."""
+    return slice(rows * rank // world, rows * (rank + 1) // world)

@@ -15,6 +15,7 @@ so a crash mid-save leaves the previous checkpoint in charge.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,9 +24,50 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kuberlhf.api import RLHFJob, RLHFJobSpec, spec_to_dict
+
 LATEST = "latest"
+DEFAULT_FOLDER = "checkpoints"  # under the run's output folder, unless spec.checkpoint.path says otherwise
+# The spec fields that shape what is trained: a checkpoint resumes only into a job that agrees on
+# all of them. Length (schedule), placement, resources and cluster settings may change.
+SHAPING_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "algorithm": None,
+    "model": ("actor", "reference", "critic", "tokenizer"),
+    "reward": ("function", "model", "url"),
+    "data": ("prompts", "promptKey", "maxPromptTokens", "maxNewTokens", "shuffle"),
+    "rollout": ("samplesPerPrompt", "promptsPerStep", "temperature", "topP", "offPolicySteps"),
+    "actor": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
+    "critic": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
+    "kl": None,
+    "loss": None,
+    "seed": None,
+}
 AHEAD = "rollouts-ahead.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """Which job wrote a checkpoint: its name and a fingerprint of the fields that shape training."""
+
+    name: str
+    fingerprint: str
+
+
+def training_fingerprint(spec: RLHFJobSpec) -> str:
+    """A short hash of `SHAPING_FIELDS` of the spec (defaults filled in, so spelling them out or
+    leaving them to their defaults gives the same fingerprint)."""
+    full = spec_to_dict(spec)
+    picked = {}
+    for key, subkeys in SHAPING_FIELDS.items():
+        value = full.get(key)
+        picked[key] = {k: value.get(k) for k in subkeys} if subkeys and isinstance(value, dict) else value
+    canonical = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def job_identity(job: RLHFJob) -> JobIdentity:
+    return JobIdentity(job.metadata.name, training_fingerprint(job.spec))
 
 
 @dataclass(frozen=True)
@@ -37,10 +79,31 @@ class TrainingState:
     sampler: dict[str, int]
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
+    job: JobIdentity | None = None  # None only in checkpoints of kuberlhf before 2026-12
 
 
-def resolve_root(path: str, output_dir: Path) -> Path:
-    """checkpoint.path, relative to the run's output folder unless absolute."""
+def resume_problem(directory: Path, state: TrainingState, mine: JobIdentity) -> str | None:
+    """Why this job must not resume `directory` (another job's checkpoint, or its spec changed what
+    is trained), naming both jobs and the way out; None when it may."""
+    fix = "run with --no-resume to start over there, or give this job its own --output or checkpoint.path"
+    if state.job is None:
+        return f"checkpoint {directory} does not say which job wrote it (an older kuberlhf); {fix}"
+    if state.job.name != mine.name:
+        return (f"checkpoint {directory} belongs to job {state.job.name!r}, not to this job {mine.name!r}; "
+                f"{fix}")
+    if state.job.fingerprint != mine.fingerprint:
+        return (f"checkpoint {directory} of job {mine.name!r} was trained with a different spec "
+                f"(fingerprint {state.job.fingerprint}, now {mine.fingerprint}: the algorithm, models, "
+                f"data, sampling, optimizer, KL, loss or seed changed); {fix}")
+    return None
+
+
+def resolve_root(path: str | None, output_dir: Path) -> Path:
+    """Where checkpoints go: `spec.checkpoint.path` when set (relative to the run's output folder
+    unless absolute), else `<output>/checkpoints` — so nothing lands outside the output folder
+    unless the spec asks for it."""
+    if path is None:
+        return output_dir / DEFAULT_FOLDER
     p = Path(path)
     return p if p.is_absolute() else output_dir / p
 
@@ -56,7 +119,8 @@ def write_state(directory: Path, state: TrainingState) -> None:
 
 def read_state(directory: Path) -> TrainingState:
     data = json.loads((directory / "state.json").read_text())
-    return TrainingState(**data)
+    job = data.pop("job", None)
+    return TrainingState(**data, job=JobIdentity(**job) if job else None)
 
 
 def write_rollouts_ahead(directory: Path, rollouts: list[dict[str, Any]]) -> None:

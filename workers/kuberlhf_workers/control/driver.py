@@ -100,6 +100,7 @@ class Driver:
         self.on_ray_started = on_ray_started
         self.callbacks = list(callbacks)
         self.ckpt_root = ckpt.resolve_root(self.spec.checkpoint.path, output_dir)
+        self.identity = ckpt.job_identity(job)
         self.stop_requested = False
         self.last_checkpoint: str | None = None
         self.placements = Placements(placement.plan_for(self.spec), job.metadata.name)
@@ -207,11 +208,16 @@ class Driver:
         t_rollout = time.perf_counter()
         reward = self.spec.reward
         rows = len(records) * self.spec.rollout.samples_per_prompt
-        reward_ref = self.rewards[0].score(rollout_refs, records, self.spec.rollout.samples_per_prompt)
+        # Every reward replica scores its share of the rows (the trainers concatenate the shares).
+        spp, replicas = self.spec.rollout.samples_per_prompt, len(self.rewards)
+        reward_refs = [w.score(rollout_refs, records, spp, i, replicas) for i, w in enumerate(self.rewards)]
         ref_refs = [r.logprobs(rollout_refs, i, len(self.references)) for i, r in enumerate(self.references)]
         value_refs = [c.values(rollout_refs) for c in self.critics]
         wait_all(
-            [(describe_reward(reward), reward_ref)],
+            [
+                (f"{describe_reward(reward)} ({w.label})", ref)
+                for w, ref in zip(self.rewards, reward_refs, strict=True)
+            ],
             reward_budget_s(reward, rows),
             f"scoring step {step + 1} with the {describe_reward(reward)}",
             f"spec.reward.timeoutSeconds is {reward.timeout_seconds:g}s with maxRetries "
@@ -226,7 +232,7 @@ class Driver:
         t_reward = time.perf_counter()
         results = wait_all(
             [
-                (t.label, t.train(rollout_refs, reward_ref, ref_refs, value_refs))
+                (t.label, t.train(rollout_refs, reward_refs, ref_refs, value_refs))
                 for t in [*self.actors, *self.critics]
             ],
             self.step_timeout,
@@ -270,7 +276,9 @@ class Driver:
             ckpt.write_rollouts_ahead(directory, ahead)
         ckpt.write_state(
             directory,
-            ckpt.TrainingState(step, self.total_steps, self.sampler_state(), self.spec.seed, extra),
+            ckpt.TrainingState(
+                step, self.total_steps, self.sampler_state(), self.spec.seed, extra, self.identity
+            ),
         )
         ckpt.publish(self.ckpt_root, directory, self.spec.checkpoint.keep)
         self.last_checkpoint = str(directory)
@@ -296,20 +304,32 @@ class Driver:
             saved["step"], saved["records"], refs, summaries, saved["sampler_before"], saved["weights_step"]
         )
 
-    def _finished_checkpoint(self) -> tuple[int, str] | None:
-        """(step, path) of the newest checkpoint when it already covers every step to train."""
+    def _resumable(self) -> tuple[Path, ckpt.TrainingState] | None:
+        """The newest checkpoint to resume and its state; a ValueError when it is another job's
+        (or the spec changed what is trained), so a run never continues someone else's weights."""
         directory = ckpt.latest(self.ckpt_root) if self.resume else None
         if directory is None:
             return None
-        step = ckpt.read_state(directory).step
-        return (step, str(directory)) if step >= self.total_steps else None
+        state = ckpt.read_state(directory)
+        problem = ckpt.resume_problem(directory, state, self.identity)
+        if problem is not None:
+            raise ValueError(problem)
+        return directory, state
+
+    def _finished_checkpoint(self) -> tuple[int, str] | None:
+        """(step, path) of this job's newest checkpoint when it already covers every step to train."""
+        found = self._resumable()
+        if found is None:
+            return None
+        directory, state = found
+        return (state.step, str(directory)) if state.step >= self.total_steps else None
 
     def _restore(self) -> int:
         """Load the newest checkpoint into every trainer and the sampler; returns its step."""
-        directory = ckpt.latest(self.ckpt_root) if self.resume else None
-        if directory is None:
+        found = self._resumable()
+        if found is None:
             return 0
-        state = ckpt.read_state(directory)
+        directory, state = found
         wait_all(
             [(t.label, t.load(str(directory / "deepspeed"))) for t in [*self.actors, *self.critics]],
             self.step_timeout,

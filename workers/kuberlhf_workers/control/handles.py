@@ -69,7 +69,7 @@ class TrainerHandle(Handle):
     def train(
         self,
         rollout_refs: list[ObjectRef[GenerationResult]],
-        rewards: ObjectRef[list[float]],
+        rewards: list[ObjectRef[list[float]]],
         ref_refs: list[ObjectRef[torch.Tensor]],
         value_refs: list[ObjectRef[torch.Tensor]],
     ) -> ObjectRef[dict[str, float]]:
@@ -118,5 +118,10 @@ class RewardHandle(Handle):
         rollout_refs: list[ObjectRef[GenerationResult]],
         records: list[dict[str, Any]],
         samples_per_prompt: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> ObjectRef[list[float]]:
-        return self.actor.score.remote(rollout_refs, records, samples_per_prompt)
+        return self.actor.score.remote(rollout_refs, records, samples_per_prompt, rank, world)
+
+    def scored(self) -> ObjectRef[int]:
+        return self.actor.scored.remote()

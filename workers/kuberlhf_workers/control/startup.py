@@ -100,11 +100,12 @@ def start_workers(
             lambda i: (ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
         ).actors
+    reward_seats = placement.seats(plan, spec, "reward")
     rewards = start_group(
         RewardWorker,
-        placement.seats(plan, spec, "reward"),
+        reward_seats,
         placements,
-        lambda i: (spec, str(spec_dir)),
+        lambda i: (spec, str(spec_dir), reward_seats[i].gpus),
         lambda actor, i: RewardHandle(actor, f"reward worker {i}"),
     ).actors
 

@@ -94,24 +94,36 @@ def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:
     return fn
 
 
-def _function(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+@dataclass(frozen=True)
+class LoadContext:
+    """Where a reward source is loaded: the spec's folder, the server token, the actor's device."""
+
+    spec_dir: Path
+    secret_token: str | None = None
+    device: str = "cpu"
+
+
+def _function(reward: RewardSpec, at: LoadContext) -> RewardFn:
     assert reward.function is not None
-    return load_reward_function(reward.function, spec_dir)
+    return load_reward_function(reward.function, at.spec_dir)
 
 
-def _url(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+def _url(reward: RewardSpec, at: LoadContext) -> RewardFn:
     assert reward.url is not None
     return RewardClient(
-        url=reward.url, timeout_s=reward.timeout_seconds, max_retries=reward.max_retries, token=secret_token
+        url=reward.url,
+        timeout_s=reward.timeout_seconds,
+        max_retries=reward.max_retries,
+        token=at.secret_token,
     )
 
 
-def _model(reward: RewardSpec, spec_dir: Path, secret_token: str | None) -> RewardFn:
+def _model(reward: RewardSpec, at: LoadContext) -> RewardFn:
     from kuberlhf_workers.base.builtin import resolve_model
     from kuberlhf_workers.rewards.model import RewardModelScorer
 
     assert reward.model is not None
-    return RewardModelScorer(resolve_model(reward.model, field="spec.reward.model"))
+    return RewardModelScorer(resolve_model(reward.model, field="spec.reward.model"), device=at.device)
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,7 @@ class RewardSourceKind:
     """How to load one kind of reward source, and whether scoring calls a server (batched
     requests with retries and backoff, so a step's scoring may take several request timeouts)."""
 
-    load: Callable[[RewardSpec, Path, str | None], RewardFn]
+    load: Callable[[RewardSpec, LoadContext], RewardFn]
     remote: bool
 
 
@@ -154,9 +166,11 @@ def reward_budget_s(reward: RewardSpec, rows: int) -> float:
     return waves * (per_request + reward.max_retries * MAX_BACKOFF_S)
 
 
-def make_reward_fn(reward: RewardSpec, spec_dir: Path, secret_token: str | None = None) -> RewardFn:
+def make_reward_fn(
+    reward: RewardSpec, spec_dir: Path, secret_token: str | None = None, device: str = "cpu"
+) -> RewardFn:
     """The one callable for whichever reward source the spec names."""
-    return REWARD_SOURCES[the_source(reward)].load(reward, spec_dir, secret_token)
+    return REWARD_SOURCES[the_source(reward)].load(reward, LoadContext(spec_dir, secret_token, device))
 
 
 def describe(fn: Callable[..., Any]) -> str:

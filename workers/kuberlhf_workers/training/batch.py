@@ -82,8 +82,3 @@ def token_logprobs(logits: torch.Tensor, batch: Batch, temperature: float) -> to
 def response_values(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Critic values ([B, P+T]) of the states in which each response token was chosen."""
     return response_logits(values, batch.prompt_len, batch.response_mask.shape[1]).float()
-
-
-def shard(rows: int, rank: int, world: int) -> slice:
-    """The contiguous rows worker `rank` of `world` handles (sizes differ by at most one)."""
-    return slice(rows * rank // world, rows * (rank + 1) // world)

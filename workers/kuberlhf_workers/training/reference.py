@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from kuberlhf_workers.base.models import ModelRef, local_model, pick_device
-from kuberlhf_workers.base.samples import merge_results
-from kuberlhf_workers.training.batch import collate, shard, token_logprobs
+from kuberlhf_workers.base.samples import merge_results, shard
+from kuberlhf_workers.training.batch import collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
 
 

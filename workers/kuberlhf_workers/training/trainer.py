@@ -16,9 +16,9 @@ import torch
 
 from kuberlhf.api import RLHFJobSpec, TrainerRole
 from kuberlhf_workers.base.models import ModelRef, local_model, pick_device
-from kuberlhf_workers.base.samples import merge_results
+from kuberlhf_workers.base.samples import merge_results, shard
 from kuberlhf_workers.base.transports import ParamMeta, WeightTransport, free_address
-from kuberlhf_workers.training.batch import collate, shard
+from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import Experience, make_experience
 from kuberlhf_workers.training.layout import train_layout
 from kuberlhf_workers.training.objectives import OBJECTIVES, ValueObjective
@@ -68,20 +68,22 @@ class TrainerWorker:
     # -- training ---------------------------------------------------------------------------------
 
     def _experience(
-        self, rollout_refs: list[Any], rewards: list[float], ref_refs: list[Any], value_refs: list[Any]
+        self, rollout_refs: list[Any], reward_refs: list[Any], ref_refs: list[Any], value_refs: list[Any]
     ) -> Experience:
         import ray
 
         batch = collate(merge_results(ray.get(rollout_refs)), self.pad_id)
+        rewards = [score for part in ray.get(reward_refs) for score in part]  # each replica's share, in order
         reward_tensor = torch.as_tensor(rewards, dtype=torch.float32)
         ref_logp = torch.cat(ray.get(ref_refs)) if ref_refs else None
         values = torch.cat(ray.get(value_refs)) if value_refs else None
         return make_experience(self.spec, batch, reward_tensor, ref_logp, values)
 
     def train(
-        self, rollout_refs: list[Any], rewards: list[float], ref_refs: list[Any], value_refs: list[Any]
+        self, rollout_refs: list[Any], rewards: list[Any], ref_refs: list[Any], value_refs: list[Any]
     ) -> dict[str, float]:
-        """One update on this rank's shard; rank 0 returns the step's metrics, the others {}."""
+        """One update on this rank's shard; rank 0 returns the step's metrics, the others {}.
+        `rewards` are the reward replicas' score refs, whose shares concatenate in row order."""
         exp = self._experience(rollout_refs, rewards, ref_refs, value_refs)
         layout, model, device = self.rank.layout, self.rank.model, self.rank.device
         mine = shard(len(exp.batch), self.rank.rank, layout.world)
