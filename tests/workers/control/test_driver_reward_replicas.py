@@ -3,6 +3,7 @@ half the rows each, and the trainers see the same rewards one scorer would have 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -43,5 +44,4 @@ def test_a_reward_model_on_two_replicas_scores_half_the_rows_on_each(
     assert [a - c for a, c in zip(after, counts, strict=True)] == [9, 9], "a training step spreads over both"
     alone = RewardModelScorer(reward_model)(rollout.prompts, rollout.responses)
     assert torch.allclose(torch.tensor(scores), torch.tensor(alone), atol=1e-5)
-    assert metrics["reward_mean"] == pytest.approx(metrics["reward_mean"])  # a finite mean came back
-    assert len(driver.rewards) == 2
+    assert math.isfinite(metrics["reward_mean"])

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kuberlhf import placement, topology
 from kuberlhf.api import RLHFJob, RLHFJobSpec
@@ -39,6 +39,7 @@ from kuberlhf_workers.control.rollout_queue import (
 )
 from kuberlhf_workers.control.weight_sync import WeightSync
 from kuberlhf_workers.rewards.sources import describe_reward, reward_budget_s
+from kuberlhf_workers.rollout.backend import sleeps_between_rollouts
 
 
 @dataclass
@@ -195,6 +196,15 @@ class Driver:
                     self.weight_sync.replace(dead)
         raise AssertionError("unreachable")
 
+    def _engines(self, action: Literal["sleep", "wake_up"], step: int) -> None:
+        """Put the rollout engines to sleep around training, when they share the trainers' GPUs.
+        Waited for without fetching: an engine that died meanwhile is replaced by the next sync."""
+        if not sleeps_between_rollouts(self.spec):
+            return
+        calls = [engine.sleep() if action == "sleep" else engine.wake_up() for engine in self.rollouts]
+        wait_ready(calls, self.step_timeout, f"rollout engines' {action} in step {step + 1}",
+                   "raise spec.schedule.stepTimeoutSeconds")
+
     def sampler_state(self) -> dict[str, int]:
         """The data position after the last trained step (prompts drawn for queued rollouts excluded)."""
         return self._pending[0].sampler_before if self._pending else self.sampler.state()
@@ -230,6 +240,7 @@ class Driver:
             "raise spec.schedule.stepTimeoutSeconds if a step legitimately takes longer",
         )
         t_reward = time.perf_counter()
+        self._engines("sleep", step)  # colocated: the trainers get the GPU memory back
         results = wait_all(
             [
                 (t.label, t.train(rollout_refs, reward_refs, ref_refs, value_refs))
@@ -240,6 +251,7 @@ class Driver:
             "raise spec.schedule.stepTimeoutSeconds if a step legitimately takes longer",
         )
         t_train = time.perf_counter()
+        self._engines("wake_up", step)
         sync_s = self.sync_weights()
         self.synced_step = step + 1
         metrics = dict(results[0])

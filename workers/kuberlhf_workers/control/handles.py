@@ -53,6 +53,12 @@ class RolloutHandle(Handle):
     def parameters(self) -> ObjectRef[dict[str, torch.Tensor]]:
         return self.actor.parameters.remote()
 
+    def sleep(self) -> ObjectRef[None]:
+        return self.actor.sleep.remote()
+
+    def wake_up(self) -> ObjectRef[None]:
+        return self.actor.wake_up.remote()
+
     def pid(self) -> ObjectRef[int]:
         return self.actor.pid.remote()
 

@@ -33,6 +33,14 @@ class GenerationBackend(Protocol):
         """The engine's current weights under HF names (for checks and tests)."""
         ...
 
+    def sleep(self) -> None:
+        """Give GPU memory back while a colocated trainer trains (a no-op where there is none)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take the memory back before weights load and generation resumes."""
+        ...
+
 
 BackendFactory = Callable[[RLHFJobSpec, str | Path, torch.device], GenerationBackend]
 
@@ -57,7 +65,14 @@ def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> Ge
         gpu_memory_utilization=spec.rollout.gpu_memory_utilization,
         seed=spec.seed,
         max_model_len=spec.data.max_prompt_tokens + spec.data.max_new_tokens,
+        sleep_between_rollouts=sleeps_between_rollouts(spec),
     )
+
+
+def sleeps_between_rollouts(spec: RLHFJobSpec) -> bool:
+    """Engines sleep while the trainers train when they share GPUs and never generate during training
+    (synchronous colocated runs)."""
+    return spec.placement == "colocate" and spec.rollout.off_policy_steps == 0
 
 
 # Imported lazily: vLLM is heavy and absent from images that do not use it.

@@ -105,5 +105,11 @@ class HFBackend:
                 raise KeyError(f"weight sync sent {name!r}, which the rollout model does not have")
             param.copy_(tensor)
 
+    def sleep(self) -> None:
+        """generate keeps no KV cache between calls: nothing to give back."""
+
+    def wake_up(self) -> None:
+        """Nothing was given back (see sleep)."""
+
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self.model.named_parameters()

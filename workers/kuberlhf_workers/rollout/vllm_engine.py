@@ -154,6 +154,7 @@ class VLLMBackend:
         seed: int = 0,
         max_model_len: int | None = None,
         dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto",
+        sleep_between_rollouts: bool = False,
     ):
         import json
 
@@ -168,7 +169,11 @@ class VLLMBackend:
         else:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        # Colocated with a trainer, the engine gives its GPU memory back while the trainer trains
+        # (vLLM's sleep mode: weights to host memory, KV cache dropped). CPU has no sleep mode.
+        self.sleep_mode = sleep_between_rollouts and current_platform.is_sleep_mode_available()
         started = time.perf_counter()
         self.llm = LLM(
             model=str(model_dir),
@@ -180,6 +185,7 @@ class VLLMBackend:
             distributed_executor_backend="uni" if tensor_parallel_size == 1 else "ray",
             worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs",
+            enable_sleep_mode=self.sleep_mode,
         )
         self.startup_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
@@ -196,6 +202,14 @@ class VLLMBackend:
         params = [SamplingParams(**sampling_kwargs(request, i)) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return to_result(request, outputs)
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load whatever is complete now; parts of a fused module wait for their siblings."""
