@@ -274,7 +274,6 @@ class CheckpointSpec(_Model):
 
     path: str | None = Field(
         None,
-        min_length=1,
         description="Where checkpoints are written: relative to the run's output folder, or absolute. "
         "Default: <output>/checkpoints. In a cluster the checkpoint volume is mounted there (at "
         "/checkpoints by default) and the output folder is /checkpoints/<job> on it.",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from kuberlhf import memory, topology
-from kuberlhf.api import Resources, RLHFJobSpec, TrainerSpec, WeightTransportName
+from kuberlhf.api import Resources, RLHFJobSpec, TrainerSpec, WeightTransportChoice, WeightTransportName
 from kuberlhf.modelsize import ModelShape, model_shape
 from kuberlhf.quantity import parse_quantity
 
@@ -134,16 +134,27 @@ def bundles_per_pod(group: topology.WorkerGroup) -> int:
     return max(group.resources.gpus, 1)
 
 
+def resolve_transport(
+    transport: WeightTransportChoice, on_gpu: bool, *, colocated: bool = False, tensor_parallel: int = 1
+) -> WeightTransportName:
+    """spec.weightSync.transport with `auto` made concrete: NCCL from trainer GPU to engine GPUs;
+    gloo on CPU, when the engines share the trainers' GPUs (NCCL refuses two members on one GPU)
+    and when a tensor-parallel engine receives in its actor (which holds no GPU)."""
+    if transport == "auto":
+        return "nccl" if on_gpu and not colocated and tensor_parallel == 1 else "gloo"
+    if transport == "nccl" and not on_gpu:
+        raise ValueError("spec.weightSync.transport: nccl needs GPUs; use gloo, object-store or auto on CPU")
+    return transport
+
+
 def weight_sync_transport(spec: RLHFJobSpec) -> WeightTransportName:
-    """spec.weightSync.transport made concrete for this placement: NCCL across GPUs; when the
-    engines share the trainers' GPUs, gloo (NCCL refuses two members on one GPU)."""
-    on_gpu = spec.actor.resources.gpus > 0
-    chosen = spec.weight_sync.transport
-    if chosen != "auto":
-        return chosen
-    if not on_gpu:
-        return "gloo"
-    return "gloo" if spec.placement == "colocate" else "nccl"
+    """The transport this spec's weight sync uses (the driver's and the plan's one answer)."""
+    return resolve_transport(
+        spec.weight_sync.transport,
+        spec.actor.resources.gpus > 0,
+        colocated=spec.placement == "colocate",
+        tensor_parallel=spec.rollout.tensor_parallel_size,
+    )
 
 
 def _trainer_role(spec: RLHFJobSpec, role: Role) -> TrainerSpec | None:
@@ -213,6 +224,10 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
         ranks.append(Rank(role, rank, world, pod, gpu, index, 1.0 / per_slot[(host, index)], of_engine))
 
     groups = _process_groups(spec, ranks)
+    try:
+        weight_sync_transport(spec)
+    except ValueError as exc:
+        problems.append(str(exc))
     problems += _group_problems(groups)
     memory_rows = _memory(spec, shape, ranks, {p.name: capacity[p.group] for p in pods})
     problems += _memory_problems(spec, memory_rows, ranks)
@@ -240,7 +255,10 @@ def _process_groups(spec: RLHFJobSpec, ranks: list[Rank]) -> list[ProcessGroup]:
     # without a GPU of its own when the engine is tensor-parallel: vLLM's workers hold the GPUs).
     actor0 = next(r for r in ranks if r.role == "actor" and r.rank == 0)
     receivers = [Member(r.pod, r.gpu if tp == 1 else None) for r in engines if r.rank == 0]
-    transport = weight_sync_transport(spec)
+    try:
+        transport: str = weight_sync_transport(spec)
+    except ValueError:  # plan() reports it
+        transport = spec.weight_sync.transport
     groups.append(
         ProcessGroup("weight-sync", "weight-sync", (Member(actor0.pod, actor0.gpu), *receivers), transport)
     )

@@ -11,7 +11,8 @@ from typing import get_args
 import pytest
 
 from kuberlhf import api
-from kuberlhf_workers.base.transports import TRANSPORTS, resolve_transport
+from kuberlhf.placement import resolve_transport
+from kuberlhf_workers.base.transports import TRANSPORTS
 from kuberlhf_workers.control import handles
 from kuberlhf_workers.control.run import PROGRAMS
 from kuberlhf_workers.rewards.sources import REWARD_SOURCES

@@ -34,7 +34,8 @@ DEFAULT_CHECKPOINT_MOUNT = "/checkpoints"
 def checkpoint_mount_path(job: RLHFJob) -> str:
     """Where the checkpoint volume is mounted in the pods; a relative spec path (fine locally) is
     taken from /."""
-    return posixpath.normpath(posixpath.join("/", job.spec.checkpoint.path or DEFAULT_CHECKPOINT_MOUNT))
+    path = job.spec.checkpoint.path
+    return posixpath.normpath(posixpath.join("/", DEFAULT_CHECKPOINT_MOUNT if path is None else path))
 
 
 def _overlaps(a: str, b: str) -> bool:

@@ -75,7 +75,7 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
         "actor": {"replicas": actor_replicas, "resources": resources(draw, gpus),
                   "zeroStage": draw(st.integers(0, 3)), "offloadOptimizer": draw(st.booleans()),
                   "microBatchSize": micro,
-                  "globalBatchSize": micro * actor_replicas * draw(st.integers(1, 4))},
+                  "globalBatchSize": micro * actor_replicas * max(gpus, 1) * draw(st.integers(1, 4))},
         "reference": {"colocateWithActor": draw(st.booleans()), "replicas": draw(st.integers(1, 4)),
                       "resources": resources(draw, draw(st.integers(0, 2)))},
         "kl": {"coef": kl},

@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
+from kuberlhf.placement import resolve_transport
 from kuberlhf_workers.base.transports import (
     CollectiveTransport,
     ObjectStoreTransport,
     ParamMeta,
     param_meta,
     plan_buckets,
-    resolve_transport,
 )
 
 pytestmark = pytest.mark.timeout(120)

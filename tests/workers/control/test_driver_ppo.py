@@ -25,7 +25,7 @@ def test_ppo_with_critic_and_reference_raises_the_mean_reward(
         actor={"learningRate": 2e-2},
         critic={"zeroStage": 2, "learningRate": 1e-2, "microBatchSize": 16},
         kl={"coef": 0.01, "estimator": "k1", "mode": "penalty"},
-        schedule={"steps": 12},
+        schedule={"steps": 16},
     )
     outcome = Driver(load(spec), tmp_path, tmp_path / "out").run()
 

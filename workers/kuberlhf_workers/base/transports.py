@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from kuberlhf.api import WeightTransportChoice, WeightTransportName
+from kuberlhf.api import WeightTransportName
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 Loader = Callable[[Iterable[tuple[str, torch.Tensor]]], None]
@@ -169,7 +169,7 @@ class CollectiveTransport:
         in_flight: list[Any] = [None, None]  # the broadcast reading each buffer
         for k, bucket in enumerate(buckets):
             tensors = [t.detach() for _, t in bucket]
-            if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device == self.device:
+            if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device.type == self.device.type:
                 # A lone parameter goes out as it is, no copy; synchronously, because the caller
                 # may free it as soon as the next bucket is asked for (ZeRO-3 re-partitions it).
                 self._group.broadcast(tensors[0].reshape(-1), 0).wait()
@@ -263,12 +263,3 @@ TRANSPORTS: dict[WeightTransportName, TransportKind] = {
     "gloo": TransportKind(partial(_collective, "gloo"), rendezvous=True),
     "object-store": TransportKind(_object_store, rendezvous=False),
 }
-
-
-def resolve_transport(transport: WeightTransportChoice, on_gpu: bool) -> WeightTransportName:
-    """spec.weightSync.transport with `auto` made concrete."""
-    if transport == "auto":
-        return "nccl" if on_gpu else "gloo"
-    if transport == "nccl" and not on_gpu:
-        raise ValueError("spec.weightSync.transport: nccl needs GPUs; use gloo, object-store or auto on CPU")
-    return transport

@@ -118,7 +118,6 @@ def start_workers(
         "starting the workers and DeepSpeed",
         HINT,
     )
-    on_gpu = any(r.gpu is not None for r in plan.ranks_of("actor"))
-    weight_sync = WeightSync(spec, rollout_group, actors, on_gpu, timeout_s)
+    weight_sync = WeightSync(spec, rollout_group, actors, timeout_s)
     weight_sync.connect()
     return Workers(sampler, rollout_group, actors, weight_sync, critics, references, rewards)
