@@ -169,7 +169,8 @@ class CollectiveTransport:
         in_flight: list[Any] = [None, None]  # the broadcast reading each buffer
         for k, bucket in enumerate(buckets):
             tensors = [t.detach() for _, t in bucket]
-            if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].device.type == self.device.type:
+            on_device = tensors[0].device.type == self.device.type  # cuda:0 is "cuda" too
+            if len(tensors) == 1 and tensors[0].is_contiguous() and on_device:
                 # A lone parameter goes out as it is, no copy; synchronously, because the caller
                 # may free it as soon as the next bucket is asked for (ZeRO-3 re-partitions it).
                 self._group.broadcast(tensors[0].reshape(-1), 0).wait()
