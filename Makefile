@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit e2e bench crd clean
+.PHONY: install demo test lint typecheck unit e2e bench gpu-wheels gpu-check crd clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,28 @@ bench: install $(BENCH_STAMP)
 	$(PY) bench/weight_sync.py --out $(BENCH_OUT)-weight-sync
 	$(PY) bench/operator_scale.py --out $(BENCH_OUT)-operator
 	$(BENCH_PY) bench/summary.py bench/out/*/results.json
+
+# --- gpu-check: the lent single-GPU machine, in one call (bench/README.md, "GPU check") --------
+# Its python3 has torch and transformers but no DeepSpeed or pydantic and no network: these wheels
+# (Python 3.12, x86-64) travel with the working tree (`carry: [".gpu-wheels"]`). DeepSpeed ships
+# only an sdist, so its pure-Python wheel is built here (ops are JIT-built at run time, if ever).
+GPU_WHEELS ?= .gpu-wheels
+GPU_WHEEL_PINS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
+GPU_PYTHON ?= python3
+
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--dest $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation --wheel-dir $(GPU_WHEELS) deepspeed==0.19.8
+	du -sh $(GPU_WHEELS)
+
+# Runs with the machine's own python3 (not .venv); writes $(OUT)/gpu-check.json when OUT is set.
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/operator:$(CURDIR)/workers$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+		$(GPU_PYTHON) bench/gpu_check.py $(if $(OUT),--out $(OUT)/gpu-check.json) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
