@@ -25,9 +25,14 @@ def test_a_reward_model_on_two_replicas_scores_half_the_rows_on_each(
     from kuberlhf_workers.rewards.model import RewardModelScorer, train_tiny_reward_model
 
     reward_model = train_tiny_reward_model(tmp_path / "rm", tiny_model_dir)
-    job = parse_job(job_dict(tiny_model_dir, reward={"model": str(reward_model), "replicas": 2},
-                             rollout={"promptsPerStep": 6, "samplesPerPrompt": 3},
-                             actor={"microBatchSize": 6}))
+    job = parse_job(
+        job_dict(
+            tiny_model_dir,
+            reward={"function": None, "model": str(reward_model), "replicas": 2},
+            rollout={"promptsPerStep": 6, "samplesPerPrompt": 3},
+            actor={"microBatchSize": 6},
+        )
+    )
     driver = Driver(job, tmp_path, tmp_path / "out")
     driver.setup()
     try:
