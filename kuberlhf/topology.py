@@ -44,8 +44,8 @@ def reference_has_own_group(spec: RLHFJobSpec) -> bool:
 
 
 def reward_has_own_group(spec: RLHFJobSpec) -> bool:
-    """Model rewards run reward servers on their own pods; functions and URLs run in the driver's
-    reward actors, which are light and share the head."""
+    """Model rewards score on their own pods (one reward actor per GPU); functions and URLs run in
+    light reward actors that share the head."""
     return spec.reward.model is not None
 
 

@@ -10,8 +10,8 @@ RayJob entrypoint, and takes no Ray work: num-cpus 0) and one worker group per
 `kuberlhf.topology.worker_groups` entry. Each group advertises its role's Ray custom resource
 through KubeRay's typed `resources` map, and the driver asks for the same resources, so its
 actors land on the pods meant for them. The reward group (model rewards) is a plain Ray
-worker group too: the driver's reward actors are placed there and start the reward servers
-(`kuberlhf reward-server`), so the pods need no command of their own.
+worker group too: the driver's reward actors are placed there, one per GPU, each scoring its
+share of a step with the reward model, so the pods need no command of their own.
 """
 
 from __future__ import annotations
