@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kuberlhf import api, placement, topology
 from kuberlhf.modelsize import ModelShape, model_shape, parameters_of, parse_size
 from kuberlhf.placement import Plan, plan_for
+from kuberlhf.seats import bundles, seats_for
 
 pytestmark = pytest.mark.unit
 
@@ -126,7 +127,7 @@ def test_a_tensor_parallel_colocated_engine_spans_consecutive_gpus_one_worker_ea
     ]
     tp = [g for g in plan.groups if g.kind == "tensor-parallel"]
     assert [g.name for g in tp] == ["rollout-0", "rollout-1"] and all(g.transport == "nccl" for g in tp)
-    seats = placement.seats(plan, spec, "rollout")
+    seats = seats_for(plan, spec, "rollout")
     assert [s.env["VLLM_RAY_BUNDLE_INDICES"] for s in seats] == ["0,1", "2,3"]
     assert all(s.gpus == 0 for s in seats), "vLLM's workers hold the GPUs, not the engine actor"
 
@@ -214,10 +215,10 @@ def test_model_sizes_come_from_the_config_then_the_name_then_the_hint(tmp_path: 
 def test_the_pods_advertise_one_unit_per_bundle_of_the_plan() -> None:
     for path in SPECS:
         spec = job(load(path)).spec
-        bundles = placement.bundles(plan_for(spec))
+        groups = bundles(plan_for(spec))
         for group in topology.worker_groups(spec):
             units = group.replicas * group.ray_resources[topology.resource_name(group.role)]
-            assert len(bundles[group.role]) == units, path.name
+            assert len(groups[group.role]) == units, path.name
 
 
 def test_kuberlhf_plan_prints_json_with_pods_ranks_groups_memory_and_problems() -> None:

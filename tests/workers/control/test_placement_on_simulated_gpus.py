@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from kuberlhf import api, placement, topology
 from kuberlhf.placement import Plan, plan_for
+from kuberlhf.seats import seats_for
 from kuberlhf_workers.control.groups import Placements, start_group
 from kuberlhf_workers.control.handles import Handle
 
@@ -77,7 +78,7 @@ def observe(cluster: Any, spec: api.RLHFJobSpec, plan: Plan) -> dict[tuple[str, 
         for role in ROLES:
             if not plan.ranks_of(role):
                 continue
-            seats = placement.seats(plan, spec, role)
+            seats = seats_for(plan, spec, role)
             group = start_group(
                 Probe, seats, placements, lambda i: (), lambda a, i, role=role: Handle(a, f"{role} {i}")
             )

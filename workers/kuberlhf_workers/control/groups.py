@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from kuberlhf import placement
 from kuberlhf.api import RLHFJobSpec
-from kuberlhf.placement import Plan, Seat
+from kuberlhf.placement import Plan
+from kuberlhf.seats import Seat, bundles
 from kuberlhf_workers.control.handles import Handle
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class Placements:
 
     def __init__(self, plan: Plan, job_name: str):
         self.plan = plan
-        self.bundles = placement.bundles(plan)
+        self.bundles = bundles(plan)
         self.job_name = job_name
         self.created: dict[str, Any] = {}
 

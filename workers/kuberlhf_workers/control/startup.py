@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kuberlhf import placement
 from kuberlhf.api import RLHFJob, TrainerRole
+from kuberlhf.seats import seats_for
 from kuberlhf_workers.base.data import PromptSampler, load_prompts
 from kuberlhf_workers.base.models import ModelRef, local_model
 from kuberlhf_workers.control.faults import wait_all
@@ -69,7 +69,7 @@ def start_workers(
     sampler = PromptSampler(load_prompts(spec.data, spec_dir), spec.seed, spec.data.shuffle)
 
     threads = threads_per_actor(spec, local)
-    rollout_seats = placement.seats(plan, spec, "rollout")
+    rollout_seats = seats_for(plan, spec, "rollout")
     rollout_group = start_group(
         RolloutWorker,
         rollout_seats,
@@ -79,7 +79,7 @@ def start_workers(
     )
 
     def trainers(role: TrainerRole, model: ModelRef) -> list[TrainerHandle]:
-        role_seats = placement.seats(plan, spec, role)
+        role_seats = seats_for(plan, spec, role)
         return start_group(
             TrainerWorker,
             role_seats,
@@ -92,7 +92,7 @@ def start_workers(
     critics = trainers("critic", critic_ref) if plan.ranks_of("critic") else []
     references: list[ReferenceHandle] = []
     if plan.ranks_of("reference"):
-        ref_seats, temperature = placement.seats(plan, spec, "reference"), spec.rollout.temperature
+        ref_seats, temperature = seats_for(plan, spec, "reference"), spec.rollout.temperature
         references = start_group(
             ReferenceWorker,
             ref_seats,
@@ -100,7 +100,7 @@ def start_workers(
             lambda i: (ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
         ).actors
-    reward_seats = placement.seats(plan, spec, "reward")
+    reward_seats = seats_for(plan, spec, "reward")
     rewards = start_group(
         RewardWorker,
         reward_seats,
