@@ -59,7 +59,7 @@ def test_the_default_checkpoint_folder_is_inside_the_output_folder(tmp_path: Pat
 
 
 def _spec_without_checkpoint_path(folder: Path, model: Path, name: str, **spec: object) -> Path:
-    path = write_spec(folder, model, name=name, schedule={"steps": 2}, **spec)
+    path = write_spec(folder, model, name=name, schedule={"steps": 1}, **spec)
     doc = yaml.safe_load(path.read_text())
     del doc["spec"]["checkpoint"]["path"]
     path.write_text(yaml.safe_dump(doc))
@@ -96,7 +96,7 @@ def test_two_jobs_with_default_checkpoints_each_train_and_neither_resumes_the_ot
         rows = [
             json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
         ]
-        assert [r["step"] for r in rows] == [1, 2], f"{name} trained every step"
+        assert [r["step"] for r in rows] == [1], f"{name} trained its step"
         assert ckpt.read_state(ckpt.latest(tmp_path / "runs" / name / "checkpoints")).job.name == name
     capsys.readouterr()
 
