@@ -92,6 +92,11 @@ class Resources(_Model):
     gpus: int = Field(0, ge=0, le=16, description="GPUs per replica; 0 trains / generates on CPU.")
     cpu: str = Field("2", description="CPU request per replica (Kubernetes quantity).")
     memory: str = Field("8Gi", description="Memory request per replica (Kubernetes quantity).")
+    @property
+    def slots(self) -> int:
+        """Processes one replica runs: one per GPU, one on CPU."""
+        return max(self.gpus, 1)
+
     gpu_memory: str | None = Field(
         None,
         description="Memory of each GPU (a quantity such as 80Gi), which the memory estimate of "
@@ -214,7 +219,7 @@ class TrainerSpec(_Model):
     @property
     def world_size(self) -> int:
         """Data-parallel ranks: one per GPU of every pod, one per pod on CPU."""
-        return self.replicas * max(self.resources.gpus, 1)
+        return self.replicas * self.resources.slots
 
 
 class ReferenceSpec(_Model):

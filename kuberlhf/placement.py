@@ -20,7 +20,6 @@ from kuberlhf.modelsize import ModelShape, model_shape
 from kuberlhf.quantity import parse_quantity
 
 Role = Literal["actor", "critic", "reference", "rollout", "reward"]
-HEAD = "head"
 # nvidia.com/gpu.product labels (GPU feature discovery) and each product's memory in GiB.
 GPU_PRODUCTS_GIB = {
     "NVIDIA-H200": 141,
@@ -43,6 +42,11 @@ class Pod:
     name: str
     group: str
     gpus: int
+
+    @property
+    def slots(self) -> int:
+        """Bundles (and processes) the pod holds: one per GPU, one on CPU."""
+        return max(self.gpus, 1)
 
 
 @dataclass(frozen=True)
@@ -130,10 +134,6 @@ def host_group(spec: RLHFJobSpec, role: Role) -> str | None:
     return role
 
 
-def bundles_per_pod(group: topology.WorkerGroup) -> int:
-    return max(group.resources.gpus, 1)
-
-
 def resolve_transport(
     transport: WeightTransportChoice, on_gpu: bool, *, colocated: bool = False, tensor_parallel: int = 1
 ) -> WeightTransportName:
@@ -173,7 +173,7 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
     capacity: dict[str, float | None] = {}
     for group in topology.worker_groups(spec):
         capacity[group.role] = gpu_memory_gib(spec, group.resources, gpu_memory_override_gib)
-        units = bundles_per_pod(group)
+        units = group.resources.slots
         names = [f"{group.role}-{i}" for i in range(group.replicas)]
         pods += [Pod(n, group.role, group.resources.gpus) for n in names]
         slots[group.role] = [(n, k if group.resources.gpus else None) for n in names for k in range(units)]
@@ -202,24 +202,25 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
             continue
         place(role, trainer.world_size, role, f"spec.{role}.replicas")
     if topology.uses_reference(spec):
-        own = spec.reference.replicas * max(spec.reference.resources.gpus, 1)
+        own = spec.reference.replicas * spec.reference.resources.slots
         count = spec.actor.world_size if spec.reference.colocate_with_actor else own
         place("reference", count, "reference", "spec.reference.replicas")
     tp = spec.rollout.tensor_parallel_size
     for engine in range(spec.rollout.replicas):
         place("rollout", tp, f"rollout-{engine}", "spec.rollout.replicas", engine, first=engine * tp)
     if topology.reward_has_own_group(spec):
-        servers = spec.reward.replicas * max(spec.reward.resources.gpus, 1)
+        servers = spec.reward.replicas * spec.reward.resources.slots
         place("reward", servers, "reward", "spec.reward.replicas")
 
-    # Equal shares of each bundle among the ranks on it.
+    # Equal shares of each bundle among the ranks on it (only hosted roles were placed).
+    hosts = {role: host for role in {p[0] for p in placed} if (host := host_group(spec, role)) is not None}
     per_slot: dict[tuple[str, int], int] = {}
     for role, _, _, index, _ in placed:
-        key = (host_group(spec, role) or HEAD, index)
+        key = (hosts[role], index)
         per_slot[key] = per_slot.get(key, 0) + 1
     ranks = []
     for role, rank, world, index, of_engine in placed:
-        host = host_group(spec, role) or HEAD
+        host = hosts[role]
         pod, gpu = slots[host][index]
         ranks.append(Rank(role, rank, world, pod, gpu, index, 1.0 / per_slot[(host, index)], of_engine))
 
@@ -230,7 +231,7 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
         problems.append(str(exc))
     problems += _group_problems(groups)
     memory_rows = _memory(spec, shape, ranks, {p.name: capacity[p.group] for p in pods})
-    problems += _memory_problems(spec, memory_rows, ranks)
+    problems += _memory_problems(memory_rows)
     return Plan(pods, ranks, groups, memory_rows, shape, list(dict.fromkeys(problems)))
 
 
@@ -339,7 +340,7 @@ FIXES = {
 }
 
 
-def _memory_problems(spec: RLHFJobSpec, rows: list[GpuMemory], ranks: list[Rank]) -> list[str]:
+def _memory_problems(rows: list[GpuMemory]) -> list[str]:
     problems = []
     for row in rows:
         if row.capacity_gib is None or row.estimate_gib <= row.capacity_gib:

@@ -30,7 +30,7 @@ def bundles(plan: Plan) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {}
     for pod in plan.pods:
         unit = {topology.resource_name(pod.group): 1.0} | ({"GPU": 1.0} if pod.gpus else {})
-        out.setdefault(pod.group, []).extend(dict(unit) for _ in range(max(pod.gpus, 1)))
+        out.setdefault(pod.group, []).extend(dict(unit) for _ in range(pod.slots))
     return out
 
 

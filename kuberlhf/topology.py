@@ -51,7 +51,7 @@ def reward_has_own_group(spec: RLHFJobSpec) -> bool:
 
 def _group(role: str, replicas: int, resources: Resources) -> WorkerGroup:
     # One unit of the role's resource per GPU (per pod on CPU): one placement bundle each.
-    return WorkerGroup(role, replicas, resources, {resource_name(role): float(max(resources.gpus, 1))})
+    return WorkerGroup(role, replicas, resources, {resource_name(role): float(resources.slots)})
 
 
 def worker_groups(spec: RLHFJobSpec) -> list[WorkerGroup]:

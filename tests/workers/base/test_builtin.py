@@ -149,3 +149,17 @@ def test_tiny_model_fits_vllm_cpu_attention_kernels(tiny_model_dir: Path) -> Non
     from kuberlhf_workers.rollout.vllm_engine import check_cpu_head_size
 
     check_cpu_head_size(json.loads((tiny_model_dir / "config.json").read_text()), str(tiny_model_dir))
+
+
+def test_the_planners_builtin_shapes_match_the_models_built_here(tiny_model_dir: Path) -> None:
+    # kuberlhf.modelsize cannot import the recipes (the API layer sits below the workers): it copies
+    # their shapes, and this keeps the copy honest.
+    import json
+
+    from kuberlhf.modelsize import BUILTIN_SHAPES, parameters_of
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    expected = BUILTIN_SHAPES["tiny"]
+    assert {k: config[k] for k in expected} == expected
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert parameters_of(config) == sum(p.numel() for p in model.parameters())
