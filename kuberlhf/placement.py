@@ -236,15 +236,16 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
 
 
 def _process_groups(spec: RLHFJobSpec, ranks: list[Rank]) -> list[ProcessGroup]:
-    on_gpu = any(r.gpu is not None for r in ranks if r.role in ("actor", "critic"))
-    collective = "nccl" if on_gpu else "gloo"
     worlds: dict[str, list[Rank]] = {}
     for r in ranks:
         worlds.setdefault(r.world, []).append(r)
     groups = []
     for name in ("actor", "critic"):
         if name in worlds:
+            # Each trainer's DeepSpeed picks its collective from its own pods' accelerator: a
+            # critic on CPU pods uses gloo even when the actor trains on GPUs.
             members = tuple(Member(r.pod, r.gpu) for r in worlds[name])
+            collective = "nccl" if all(m.gpu is not None for m in members) else "gloo"
             groups.append(ProcessGroup(name, "deepspeed", members, collective))
     engines = [r for r in ranks if r.role == "rollout"]
     tp = spec.rollout.tensor_parallel_size

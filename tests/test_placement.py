@@ -291,3 +291,20 @@ def test_the_plan_is_a_deep_copy_safe_pure_function() -> None:
     before = copy.deepcopy(spec)
     assert plan_for(spec).to_json() == plan_for(spec).to_json()
     assert spec == before
+
+
+def test_a_critic_on_cpu_pods_trains_over_gloo_while_the_actor_uses_nccl() -> None:
+    spec = spec_of(
+        algorithm="ppo",
+        placement="colocate",
+        rollout={"resources": {"gpus": 1}},
+        actor={"resources": {"gpus": 1}},
+        critic={"resources": {"gpus": 0}},
+    )
+    plan = plan_for(spec)
+    assert plan.problems == []
+    assert {g.name: g.transport for g in plan.groups if g.kind == "deepspeed"} == {
+        "actor": "nccl",
+        "critic": "gloo",
+    }
+    assert_invariants(plan)
