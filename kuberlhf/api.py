@@ -25,11 +25,14 @@ PLURAL = "rlhfjobs"
 SINGULAR = "rlhfjob"
 SHORT_NAMES = ["rlhf"]
 
-Algorithm = Literal["ppo", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo", "dr_grpo"]
+Algorithm = Literal[
+    "ppo", "grpo", "reinforce_pp", "reinforce_pp_baseline", "rloo", "dr_grpo", "sft", "rm", "dpo"
+]
 # How per-token losses become one number (see kuberlhf_workers.training.algorithms.aggregate).
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-# The controller program that trains an algorithm (`kuberlhf run` picks it from the spec).
-Program = Literal["rl"]
+# The controller program that trains an algorithm (`kuberlhf run` picks it from the spec): rl
+# generates and scores rollouts online; offline trains on a dataset (sft, rm, dpo).
+Program = Literal["rl", "offline"]
 RolloutEngine = Literal["hf", "vllm"]
 WeightTransportName = Literal["nccl", "gloo", "object-store"]
 WeightTransportChoice = Literal["auto", "nccl", "gloo", "object-store"]
@@ -46,8 +49,12 @@ class AlgorithmTraits:
 
     critic: bool  # trains a value model (GAE needs one)
     group_baseline: bool  # baselines each reward against the other samples of its prompt
-    aggregation: Aggregation
+    aggregation: Aggregation  # of the policy loss (rl programs)
     program: Program = "rl"
+
+    @property
+    def online(self) -> bool:
+        return self.program == "rl"
 
 
 ALGORITHMS: dict[Algorithm, AlgorithmTraits] = {
@@ -59,9 +66,15 @@ ALGORITHMS: dict[Algorithm, AlgorithmTraits] = {
     "rloo": AlgorithmTraits(critic=False, group_baseline=True, aggregation="token-mean"),
     # Dr. GRPO: a constant divisor removes the length bias.
     "dr_grpo": AlgorithmTraits(critic=False, group_baseline=True, aggregation="seq-mean-token-sum-norm"),
+    # Offline: trained on data.train, one objective each (kuberlhf_workers.training.offline).
+    "sft": AlgorithmTraits(critic=False, group_baseline=False, aggregation="token-mean", program="offline"),
+    "rm": AlgorithmTraits(critic=False, group_baseline=False, aggregation="token-mean", program="offline"),
+    "dpo": AlgorithmTraits(critic=False, group_baseline=False, aggregation="token-mean", program="offline"),
 }
 GROUP_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if t.group_baseline)
 CRITIC_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if t.critic)
+ONLINE_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if t.online)
+OFFLINE_ALGORITHMS: tuple[Algorithm, ...] = tuple(a for a, t in ALGORITHMS.items() if not t.online)
 Phase = Literal["Pending", "Launching", "Running", "Suspended", "Succeeded", "Failed"]
 
 # Children are named "<job>-<suffix>" and KubeRay appends its own suffixes to the
@@ -169,7 +182,7 @@ class RewardSpec(_Model):
 
 
 class DataSpec(_Model):
-    """The prompts to train on."""
+    """The prompts to train on (online algorithms), or the dataset (offline ones)."""
 
     prompts: str = Field(
         "builtin:toy", description="builtin:toy, a .jsonl / .parquet path, or a dataset id."
@@ -177,7 +190,43 @@ class DataSpec(_Model):
     prompt_key: str = Field("prompt", description="Field holding the prompt text in each record.")
     max_prompt_tokens: int = Field(256, ge=1, le=131072, description="Prompts are truncated to this.")
     max_new_tokens: int = Field(256, ge=1, le=131072, description="Generation length limit.")
-    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+    shuffle: bool = Field(True, description="Shuffle prompts (or records) each epoch (seeded).")
+    train: str | None = Field(
+        None,
+        description="Offline algorithms: the training records, a .jsonl path (relative to the spec "
+        'file). sft: {"messages": [...]} or {"prompt", "response"}; rm and dpo: {"prompt", "chosen", '
+        '"rejected"}, each a string or a list of chat messages (rm may add a numeric "margin").',
+    )
+    eval: str | None = Field(
+        None, description="Offline algorithms: held-out records like data.train, evaluated every "
+        "eval.everySteps and at the end.",
+    )
+    max_length: int = Field(
+        512, ge=8, le=131072, description="Offline algorithms: tokens per record (prompt and response); "
+        "longer records are cut, the prompt from the left, and counted in the metrics.",
+    )
+    chat_template: bool | None = Field(
+        None, description="Apply the tokenizer's chat template to chat messages and to prompts "
+        "(default: when the tokenizer has one).",
+    )
+
+
+class EvalSpec(_Model):
+    """Evaluation on data.eval during training (offline algorithms)."""
+
+    every_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps; unset: only at the end."
+    )
+
+
+class DPOSpec(_Model):
+    """Direct preference optimisation against the frozen reference (algorithm: dpo)."""
+
+    beta: float = Field(0.1, gt=0, le=100, description="Strength of the implicit KL to the reference.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="cDPO: the share of preference labels assumed flipped."
+    )
+    ipo: bool = Field(False, description="IPO's squared loss instead of DPO's logistic one.")
 
 
 class RolloutSpec(_Model):
@@ -291,7 +340,13 @@ class CheckpointSpec(_Model):
 class ScheduleSpec(_Model):
     """How long to train."""
 
-    steps: int = Field(100, ge=1, le=10_000_000, description="Training steps (rollout + update).")
+    steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Training steps (rollout + update, or one batch of records "
+        "offline); default 100, or offline one epoch of data.train.",
+    )
+    epochs: int | None = Field(
+        None, ge=1, le=10_000, description="Offline algorithms: passes over data.train (instead of steps).",
+    )
     step_timeout_seconds: float = Field(
         1800.0, gt=0, le=7 * 86400, description="Longest the driver waits for one phase of a step "
         "(rollout, reference / critic forward, training) before failing the run with a clear error "
@@ -316,15 +371,19 @@ class Toleration(_Model):
 class RLHFJobSpec(_Model):
     """Everything needed to run one RLHF training job."""
 
-    algorithm: Algorithm = Field("grpo", description="Advantage estimator / objective.")
+    algorithm: Algorithm = Field(
+        "grpo", description="Online RL: the advantage estimator. Offline: sft, rm (a reward model) or dpo."
+    )
     model: ModelSpec = Field(..., description="Actor, reference and critic weights.")
-    reward: RewardSpec = Field(..., description="How completions are scored.")
+    reward: RewardSpec | None = Field(None, description="How completions are scored (online algorithms).")
     data: DataSpec = Field(default_factory=DataSpec, description="Prompt source.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation engines.")
     actor: TrainerSpec = Field(default_factory=TrainerSpec, description="Policy trainer.")
     critic: TrainerSpec | None = Field(None, description="Value trainer; ppo only.")
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec, description="Reference model.")
     kl: KLSpec = Field(default_factory=KLSpec, description="KL regularisation.")
+    dpo: DPOSpec | None = Field(None, description="DPO / IPO / cDPO settings (algorithm: dpo).")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation (offline algorithms).")
     loss: LossSpec = Field(default_factory=LossSpec, description="Objective knobs.")
     placement: Literal["separate", "colocate"] = Field(
         "separate", description="colocate shares GPUs between rollout and training (hybrid engine)."
@@ -344,6 +403,12 @@ class RLHFJobSpec(_Model):
     )
     suspend: bool = Field(False, description="Stop the cluster; resuming continues from the checkpoint.")
 
+    def online_reward(self) -> RewardSpec:
+        """spec.reward of an online algorithm, which the rules make present."""
+        if self.reward is None:
+            raise ValueError(f"spec.reward: algorithm {self.algorithm} needs one (function, model or url)")
+        return self.reward
+
 
 class Condition(_Model):
     """A Kubernetes-style condition."""
@@ -360,7 +425,11 @@ class Progress(_Model):
     """What the driver reports while it trains."""
 
     step: int = Field(0, ge=0, description="Completed training steps.")
-    total_steps: int = Field(0, ge=0, description="schedule.steps.")
+    total_steps: int = Field(0, ge=0, description="Steps this run trains (schedule.steps or its epochs).")
+    loss: float | None = Field(None, description="Training loss of the last step (offline algorithms).")
+    eval_accuracy: float | None = Field(
+        None, description="Last evaluation's preference accuracy (rm, dpo)."
+    )
     reward_mean: float | None = Field(None, description="Mean reward of the last step's rollouts.")
     kl: float | None = Field(None, description="Mean KL to the reference of the last step.")
     samples_per_second: float | None = Field(None, description="Throughput of the last step.")
@@ -421,6 +490,8 @@ def _cel_list(names: tuple[str, ...]) -> str:
 
 
 _GROUPS_CEL = _cel_list(GROUP_ALGORITHMS)
+_OFFLINE_CEL = _cel_list(OFFLINE_ALGORITHMS)
+_OFFLINE_NAMES = ", ".join(OFFLINE_ALGORITHMS)
 _CRITIC_CEL = _cel_list(CRITIC_ALGORITHMS)
 _CRITIC_NAMES = " or ".join(CRITIC_ALGORITHMS)
 
@@ -458,18 +529,74 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         == _total_gpus(s.actor.replicas, s.actor.resources),
     ),
     CrossFieldRule(
-        cel="!has(self.model.reference) || self.kl.coef > 0.0",
+        cel="!has(self.model.reference) || self.kl.coef > 0.0 || self.algorithm == 'dpo'",
         field="spec.model.reference",
-        message="a reference model is only used when the KL term is on: set kl.coef > 0 "
+        message="a reference model is only used when the KL term is on (or by dpo): set kl.coef > 0 "
         "or remove spec.model.reference",
-        holds=lambda s: s.model.reference is None or s.kl.coef > 0,
+        holds=lambda s: s.model.reference is None or s.kl.coef > 0 or s.algorithm == "dpo",
     ),
     CrossFieldRule(
-        cel="(has(self.reward.function) ? 1 : 0) + (has(self.reward.model) ? 1 : 0) + "
+        cel="!has(self.reward) || (has(self.reward.function) ? 1 : 0) + (has(self.reward.model) ? 1 : 0) + "
         "(has(self.reward.url) ? 1 : 0) == 1",
         field="spec.reward",
         message="set exactly one of reward.function, reward.model or reward.url",
-        holds=lambda s: len(s.reward.sources()) == 1,
+        holds=lambda s: s.reward is None or len(s.reward.sources()) == 1,
+    ),
+    CrossFieldRule(
+        cel=f"self.algorithm in {_OFFLINE_CEL} || has(self.reward)",
+        field="spec.reward",
+        message="online algorithms score their completions: set spec.reward (function, model or url)",
+        holds=lambda s: not ALGORITHMS[s.algorithm].online or s.reward is not None,
+    ),
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_OFFLINE_CEL}) || !has(self.reward)",
+        field="spec.reward",
+        message=f"{_OFFLINE_NAMES} train on data.train and score nothing: remove spec.reward",
+        holds=lambda s: ALGORITHMS[s.algorithm].online or s.reward is None,
+    ),
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_OFFLINE_CEL}) || has(self.data.train)",
+        field="spec.data.train",
+        message=f"{_OFFLINE_NAMES} train on records: set data.train to a .jsonl file",
+        holds=lambda s: ALGORITHMS[s.algorithm].online or s.data.train is not None,
+    ),
+    CrossFieldRule(
+        cel=f"self.algorithm in {_OFFLINE_CEL} || (!has(self.data.train) && !has(self.data.eval))",
+        field="spec.data.train",
+        message=f"data.train and data.eval are datasets of {_OFFLINE_NAMES}; online algorithms "
+        "read data.prompts: remove them or change the algorithm",
+        holds=lambda s: not ALGORITHMS[s.algorithm].online or (s.data.train is None and s.data.eval is None),
+    ),
+    CrossFieldRule(
+        cel="!has(self.dpo) || self.algorithm == 'dpo'",
+        field="spec.dpo",
+        message="spec.dpo configures algorithm: dpo; remove it or set the algorithm",
+        holds=lambda s: s.dpo is None or s.algorithm == "dpo",
+    ),
+    CrossFieldRule(
+        cel=f"!has(self.schedule.epochs) || self.algorithm in {_OFFLINE_CEL}",
+        field="spec.schedule.epochs",
+        message=f"epochs count passes over data.train ({_OFFLINE_NAMES}); online runs count "
+        "schedule.steps",
+        holds=lambda s: s.schedule.epochs is None or not ALGORITHMS[s.algorithm].online,
+    ),
+    CrossFieldRule(
+        cel="!has(self.schedule.steps) || !has(self.schedule.epochs)",
+        field="spec.schedule",
+        message="set schedule.steps or schedule.epochs, not both",
+        holds=lambda s: s.schedule.steps is None or s.schedule.epochs is None,
+    ),
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_OFFLINE_CEL}) || self.kl.coef == 0.0",
+        field="spec.kl.coef",
+        message=f"{_OFFLINE_NAMES} have no KL term (dpo's beta plays its part): remove spec.kl",
+        holds=lambda s: ALGORITHMS[s.algorithm].online or s.kl.coef == 0,
+    ),
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_OFFLINE_CEL}) || self.placement == 'separate'",
+        field="spec.placement",
+        message=f"{_OFFLINE_NAMES} run no rollout engines to colocate with: remove spec.placement",
+        holds=lambda s: ALGORITHMS[s.algorithm].online or s.placement == "separate",
     ),
     CrossFieldRule(
         cel="self.rollout.tensorParallelSize == 1 || "
@@ -539,6 +666,38 @@ def cross_field_problems(spec: RLHFJobSpec) -> list[str]:
     return [f"{r.field}: {r.message}" for r in CROSS_FIELD_RULES if not r.holds(spec)]
 
 
+# Sections (and fields) a program never reads. Set to anything but their defaults they are an
+# error, so a user never believes a setting took effect. Python only: the API server fills these
+# defaults into every stored object, so admission cannot tell "left alone" from "set to the default".
+UNUSED_BY: dict[Program, tuple[str, ...]] = {
+    "offline": (
+        "rollout", "reference", "loss", "weightSync", "data.prompts", "data.promptKey",
+        "data.maxPromptTokens", "data.maxNewTokens", "actor.epochs",
+    ),
+    "rl": ("eval", "data.maxLength", "data.chatTemplate"),
+}
+
+
+def _field_name(model_cls: type[BaseModel], camel: str) -> str:
+    return next(n for n, f in model_cls.model_fields.items() if (f.alias or to_camel(n)) == camel)
+
+
+def unused_field_problems(spec: RLHFJobSpec) -> list[str]:
+    """The fields of UNUSED_BY[the spec's program] that differ from their defaults."""
+    program = ALGORITHMS[spec.algorithm].program
+    problems = []
+    for dotted in UNUSED_BY[program]:
+        owner: BaseModel = spec
+        *heads, leaf = dotted.split(".")
+        for head in heads:
+            owner = getattr(owner, _field_name(type(owner), head))
+        name = _field_name(type(owner), leaf)
+        default = type(owner).model_fields[name].get_default(call_default_factory=True)
+        if getattr(owner, name) != default:
+            problems.append(f"spec.{dotted}: algorithm {spec.algorithm} does not use it: remove it")
+    return problems
+
+
 def parse_job(obj: Any) -> RLHFJob:
     """Turn a decoded YAML/JSON object into an RLHFJob, or raise SpecError naming every bad field."""
     if not isinstance(obj, dict):
@@ -547,10 +706,26 @@ def parse_job(obj: Any) -> RLHFJob:
         job = RLHFJob.model_validate(obj)
     except ValidationError as exc:
         raise SpecError([_describe(e) for e in exc.errors()]) from None
-    problems = cross_field_problems(job.spec)
+    problems = cross_field_problems(job.spec) + unused_field_problems(job.spec)
     if problems:
         raise SpecError(problems)
     return job
+
+
+DEFAULT_STEPS = 100
+
+
+def steps_to_train(spec: RLHFJobSpec, records: int | None = None) -> int:
+    """schedule.steps, else 100 online; offline, else the steps its epochs (default 1) take over
+    `records` training records, one global batch a step."""
+    if spec.schedule.steps is not None:
+        return spec.schedule.steps
+    if ALGORITHMS[spec.algorithm].online:
+        return DEFAULT_STEPS
+    if records is None:
+        raise ValueError("an offline run's length depends on its data: pass the number of records")
+    batch = spec.actor.global_batch_size or spec.actor.micro_batch_size * spec.actor.world_size
+    return max(1, -(-(spec.schedule.epochs or 1) * records // batch))
 
 
 def spec_to_dict(spec: RLHFJobSpec) -> dict[str, Any]:

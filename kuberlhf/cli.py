@@ -61,7 +61,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 if problems:
                     raise api.SpecError(problems)
                 cluster_checks(job)
-                summary = f"{job.spec.algorithm}, {job.spec.schedule.steps} steps"
+                steps = job.spec.schedule.steps
+                length = f"{steps} steps" if steps else (
+                    f"{job.spec.schedule.epochs or 1} epoch(s) of {job.spec.data.train}"
+                    if not api.ALGORITHMS[job.spec.algorithm].online
+                    else f"{api.steps_to_train(job.spec)} steps"
+                )
+                summary = f"{job.spec.algorithm}, {length}"
                 print(f"{path}: {job.metadata.name}: valid ({summary})")
         except api.SpecError as exc:
             failed += 1

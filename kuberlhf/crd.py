@@ -22,8 +22,11 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Algorithm", "type": "string", "jsonPath": ".spec.algorithm"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
-    {"name": "Total", "type": "integer", "jsonPath": ".spec.schedule.steps"},
+    # What the driver trains: schedule.steps, or the steps an offline run's epochs take.
+    {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps"},
     {"name": "Reward", "type": "number", "jsonPath": ".status.progress.rewardMean"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Accuracy", "type": "number", "jsonPath": ".status.progress.evalAccuracy", "priority": 1},
     {"name": "KL", "type": "number", "jsonPath": ".status.progress.kl", "priority": 1},
     {"name": "Samples/s", "type": "number", "jsonPath": ".status.progress.samplesPerSecond",
      "priority": 1},

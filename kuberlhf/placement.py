@@ -206,9 +206,9 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
         count = spec.actor.world_size if spec.reference.colocate_with_actor else own
         place("reference", count, "reference", "spec.reference.replicas")
     tp = spec.rollout.tensor_parallel_size
-    for engine in range(spec.rollout.replicas):
+    for engine in range(spec.rollout.replicas if topology.is_online(spec) else 0):
         place("rollout", tp, f"rollout-{engine}", "spec.rollout.replicas", engine, first=engine * tp)
-    if topology.reward_has_own_group(spec):
+    if spec.reward is not None and topology.reward_has_own_group(spec):
         servers = spec.reward.replicas * spec.reward.resources.slots
         place("reward", servers, "reward", "spec.reward.replicas")
 
@@ -226,7 +226,8 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
 
     groups = _process_groups(spec, ranks)
     try:
-        weight_sync_transport(spec)
+        if topology.is_online(spec):
+            weight_sync_transport(spec)
     except ValueError as exc:
         problems.append(str(exc))
     problems += _group_problems(groups)
@@ -253,6 +254,8 @@ def _process_groups(spec: RLHFJobSpec, ranks: list[Rank]) -> list[ProcessGroup]:
         for engine in sorted({r.engine for r in engines if r.engine is not None}):
             members = tuple(Member(r.pod, r.gpu) for r in engines if r.engine == engine)
             groups.append(ProcessGroup(f"rollout-{engine}", "tensor-parallel", members, "nccl"))
+    if not topology.is_online(spec):
+        return groups  # offline: no engines, no weight sync
     # Trainer rank 0 sends; each engine's receiving process is its actor (TP worker 0's slot,
     # without a GPU of its own when the engine is tensor-parallel: vLLM's workers hold the GPUs).
     actor0 = next(r for r in ranks if r.role == "actor" and r.rank == 0)

@@ -39,7 +39,8 @@ def seats_for(plan: Plan, spec: RLHFJobSpec, role: Role) -> list[Seat]:
     host = host_group(spec, role)
     ranks = plan.ranks_of(role)
     if host is None:  # light workers (a reward function's or client's), anywhere
-        return [Seat(None, None, 0.0, {}) for _ in range(spec.reward.replicas)]
+        replicas = spec.reward.replicas if spec.reward is not None and role == "reward" else 0
+        return [Seat(None, None, 0.0, {}) for _ in range(replicas)]
     share_of = {r.bundle: r.share for r in ranks}
 
     def seat(r: Rank, gpus: float, env: dict[str, str] | None = None) -> Seat:

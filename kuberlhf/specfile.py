@@ -35,13 +35,18 @@ def load_documents(path: Path) -> list[Any]:
 def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
     """Checks only a laptop can make: files the spec points at must exist."""
     problems = []
-    fn = job.spec.reward.function
+    fn = job.spec.reward.function if job.spec.reward is not None else None
     if fn is not None:
         target, _, name = fn.rpartition(":")
         if not target or not name:
             problems.append(f"spec.reward.function: {fn!r} must look like 'file.py:fn' or 'module:fn'")
         elif target.endswith(".py") and find_spec_file(Path(target), spec_dir) is None:
             problems.append(f"spec.reward.function: file {target!r} not found next to the spec ({spec_dir})")
+    for field, value in (("train", job.spec.data.train), ("eval", job.spec.data.eval)):
+        if value is not None and find_spec_file(Path(value), spec_dir) is None:
+            problems.append(
+                f"spec.data.{field}: file {value!r} not found (relative paths start at {spec_dir})"
+            )
     return problems
 
 

@@ -35,7 +35,13 @@ def uses_critic(spec: RLHFJobSpec) -> bool:
     return ALGORITHMS[spec.algorithm].critic
 
 
+def is_online(spec: RLHFJobSpec) -> bool:
+    """Online algorithms generate and score rollouts; offline ones (sft, rm, dpo) only train."""
+    return ALGORITHMS[spec.algorithm].online
+
+
 def uses_reference(spec: RLHFJobSpec) -> bool:
+    """A reference group for the KL term (dpo keeps its reference inside the trainer ranks)."""
     return spec.kl.coef > 0
 
 
@@ -46,7 +52,7 @@ def reference_has_own_group(spec: RLHFJobSpec) -> bool:
 def reward_has_own_group(spec: RLHFJobSpec) -> bool:
     """Model rewards score on their own pods (one reward actor per GPU); functions and URLs run in
     light reward actors that share the head."""
-    return spec.reward.model is not None
+    return spec.reward is not None and spec.reward.model is not None
 
 
 def _group(role: str, replicas: int, resources: Resources) -> WorkerGroup:
@@ -57,6 +63,8 @@ def _group(role: str, replicas: int, resources: Resources) -> WorkerGroup:
 def worker_groups(spec: RLHFJobSpec) -> list[WorkerGroup]:
     """The RayCluster worker groups for a spec, in a stable order. Which ranks share them is
     `kuberlhf.placement`'s business."""
+    if not is_online(spec):
+        return [_group("actor", spec.actor.replicas, spec.actor.resources)]
     groups = []
     if spec.placement == "separate":
         groups.append(_group("rollout", spec.rollout.replicas, spec.rollout.resources))
@@ -67,7 +75,7 @@ def worker_groups(spec: RLHFJobSpec) -> list[WorkerGroup]:
         groups.append(_group("critic", replicas, critic.resources if critic else spec.actor.resources))
     if reference_has_own_group(spec):
         groups.append(_group("reference", spec.reference.replicas, spec.reference.resources))
-    if reward_has_own_group(spec):
+    if spec.reward is not None and spec.reward.model is not None:
         groups.append(_group("reward", spec.reward.replicas, spec.reward.resources))
     return groups
 

@@ -13,7 +13,7 @@ from kuberlhf import api
 
 pytestmark = pytest.mark.unit
 
-EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("**/*.yaml"))
 
 ISSUE_SAMPLE = """
 apiVersion: kuberlhf.io/v1alpha1
@@ -130,7 +130,8 @@ def test_missing_required_fields_are_each_reported() -> None:
     del obj["spec"]["reward"]
     problems = problems_of(obj)
     assert "spec.model: required field is missing" in problems
-    assert "spec.reward: required field is missing" in problems
+    obj["spec"]["model"] = {"actor": "m"}
+    assert [p for p in problems_of(obj) if p.startswith("spec.reward: online algorithms score")]
 
 
 def test_wrong_kind_and_non_mapping_input_are_refused() -> None:
@@ -153,3 +154,86 @@ def test_every_field_is_documented() -> None:
         return missing
 
     assert walk(api.RLHFJobSpec) == []
+
+
+# -- offline algorithms ---------------------------------------------------------------------------
+
+ISSUE_DPO = """
+apiVersion: kuberlhf.io/v1alpha1
+kind: RLHFJob
+metadata: {name: tiny-dpo}
+spec:
+  algorithm: dpo
+  model: {actor: builtin:tiny}
+  data:
+    train: pairs.jsonl
+    eval: pairs-eval.jsonl
+    maxLength: 256
+  dpo: {beta: 0.1, labelSmoothing: 0.0, ipo: false}
+  actor: {replicas: 1, zeroStage: 2, learningRate: 5.0e-4, microBatchSize: 8}
+  schedule: {epochs: 1}
+"""
+
+
+def offline(**spec: Any) -> dict[str, Any]:
+    base = {"algorithm": "sft", "model": {"actor": "m"}, "data": {"train": "t.jsonl"}}
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "o"}, "spec": base | spec}
+
+
+def test_the_issues_dpo_spec_validates_as_written_without_reward_or_rollout() -> None:
+    job = api.parse_job(yaml.safe_load(ISSUE_DPO))
+    assert job.spec.reward is None and job.spec.dpo is not None and job.spec.dpo.beta == 0.1
+    assert job.spec.schedule.epochs == 1 and job.spec.data.max_length == 256
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"reward": {"function": "r.py:f"}}, "spec.reward"),
+        ({"data": {}}, "spec.data.train"),
+        ({"dpo": {"beta": 0.2}}, "spec.dpo"),
+        ({"kl": {"coef": 0.1}}, "spec.kl.coef"),
+        ({"placement": "colocate"}, "spec.placement"),
+        ({"schedule": {"steps": 3, "epochs": 1}}, "spec.schedule"),
+        ({"rollout": {"replicas": 2}}, "spec.rollout"),
+        ({"data": {"train": "t.jsonl", "prompts": "p.jsonl"}}, "spec.data.prompts"),
+        ({"weightSync": {"bucketMB": 8}}, "spec.weightSync"),
+        ({"actor": {"epochs": 2}}, "spec.actor.epochs"),
+    ],
+)
+def test_a_field_an_offline_algorithm_would_ignore_or_lacks_is_an_error_naming_it(
+    spec: dict[str, Any], field: str
+) -> None:
+    problems = problems_of(offline(**spec))
+    assert [p for p in problems if p.startswith(f"{field}: ")], problems
+
+
+def test_defaults_filled_in_by_the_api_server_are_not_mistaken_for_settings() -> None:
+    stored = offline(rollout={}, loss={}, weightSync={}, reference={}, eval={})
+    stored["spec"]["rollout"] = api.RolloutSpec().model_dump(by_alias=True)
+    api.parse_job(stored)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"data": {"train": "t.jsonl"}}, "spec.data.train"),
+        ({"schedule": {"epochs": 2}}, "spec.schedule.epochs"),
+        ({"eval": {"everySteps": 5}}, "spec.eval"),
+        ({"dpo": {}}, "spec.dpo"),
+    ],
+)
+def test_offline_only_fields_on_an_online_algorithm_are_errors_naming_them(
+    spec: dict[str, Any], field: str
+) -> None:
+    obj = sample()
+    for key, value in spec.items():
+        obj["spec"][key] = value
+    assert [p for p in problems_of(obj) if p.startswith(f"{field}: ")], problems_of(obj)
+
+
+def test_an_offline_run_is_as_long_as_its_epochs_and_an_online_one_defaults_to_100_steps() -> None:
+    spec = api.parse_job(offline(schedule={"epochs": 3}, actor={"microBatchSize": 4, "replicas": 2})).spec
+    assert api.steps_to_train(spec, records=20) == 8  # ceil(3 * 20 / (4 * 2))
+    online = api.parse_job(sample()).spec.model_copy(update={"schedule": api.ScheduleSpec()})
+    assert api.steps_to_train(online) == 100

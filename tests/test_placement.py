@@ -253,7 +253,7 @@ def gpu_specs(draw: st.DrawFn) -> api.RLHFJobSpec:
     tp = draw(st.sampled_from([1, 1, 2, 4]))
     actor_gpus = draw(st.sampled_from([4, 8, 16, 32, 64]))
     engines = max(1, actor_gpus // tp) if colocate else draw(st.integers(1, 8))
-    algorithm = draw(st.sampled_from(list(api.ALGORITHMS)))
+    algorithm = draw(st.sampled_from(api.ONLINE_ALGORITHMS))
     doc: dict[str, Any] = {
         "algorithm": algorithm,
         "placement": "colocate" if colocate else "separate",
@@ -307,4 +307,14 @@ def test_a_critic_on_cpu_pods_trains_over_gloo_while_the_actor_uses_nccl() -> No
         "actor": "nccl",
         "critic": "gloo",
     }
+    assert_invariants(plan)
+
+
+def test_an_offline_job_plans_only_its_trainer_ranks_and_no_weight_sync() -> None:
+    doc = load(ROOT / "examples" / "offline" / "tiny-dpo.yaml")
+    doc["spec"]["actor"] |= {"replicas": 2, "resources": {"gpus": 4}, "microBatchSize": 4}
+    plan = plan_for(job(doc).spec)
+    assert plan.problems == []
+    assert {p.group for p in plan.pods} == {"actor"} and {r.role for r in plan.ranks} == {"actor"}
+    assert [(g.name, g.transport, len(g.members)) for g in plan.groups] == [("actor", "nccl", 8)]
     assert_invariants(plan)

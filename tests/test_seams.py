@@ -21,6 +21,7 @@ from kuberlhf_workers.rollout.backend import BACKENDS
 from kuberlhf_workers.rollout.worker import RolloutWorker
 from kuberlhf_workers.training.algorithms import ESTIMATORS, GROUP_BASELINES
 from kuberlhf_workers.training.objectives import OBJECTIVES
+from kuberlhf_workers.training.offline import OFFLINE_OBJECTIVES, OfflineTrainerWorker
 from kuberlhf_workers.training.reference import ReferenceWorker
 from kuberlhf_workers.training.trainer import TrainerWorker
 
@@ -32,7 +33,9 @@ def _field_literal(model: type, field: str) -> set[str]:
 
 
 def test_every_algorithm_has_traits_and_an_estimator() -> None:
-    assert set(api.ALGORITHMS) == set(get_args(api.Algorithm)) == set(ESTIMATORS)
+    assert set(api.ALGORITHMS) == set(get_args(api.Algorithm))
+    assert set(ESTIMATORS) == set(api.ONLINE_ALGORITHMS)
+    assert set(OFFLINE_OBJECTIVES) == set(api.OFFLINE_ALGORITHMS)
     assert set(GROUP_BASELINES) == set(api.GROUP_ALGORITHMS)
     assert {t.program for t in api.ALGORITHMS.values()} <= set(PROGRAMS) == set(get_args(api.Program))
 
@@ -66,6 +69,7 @@ def test_the_critic_rules_and_the_topology_follow_the_traits() -> None:
 WORKERS = {
     handles.RolloutHandle: RolloutWorker,
     handles.TrainerHandle: TrainerWorker,
+    handles.OfflineTrainerHandle: OfflineTrainerWorker,
     handles.ReferenceHandle: ReferenceWorker,
     handles.RewardHandle: RewardWorker,
 }

@@ -94,8 +94,9 @@ def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
     ]
     if job.spec.model.hub_token_secret_ref is not None:
         out.append(_secret_env("HF_TOKEN", job.spec.model.hub_token_secret_ref))
-    if job.spec.reward.token_secret_ref is not None:
-        out.append(_secret_env("KUBERLHF_REWARD_TOKEN", job.spec.reward.token_secret_ref))
+    reward = job.spec.reward
+    if reward is not None and reward.token_secret_ref is not None:
+        out.append(_secret_env("KUBERLHF_REWARD_TOKEN", reward.token_secret_ref))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,13 +49,14 @@ def test_kubectl_applies_reads_patches_replaces_and_deletes_rlhfjobs(emulator: E
 
     steps = str(yaml.safe_load(EXAMPLE.read_text())["spec"]["schedule"]["steps"])
     table = rows(kubectl(emulator, "get", "rlhfjobs"))
-    assert table[0] == ["NAME", "PHASE", "ALGORITHM", "STEP", "TOTAL", "REWARD", "AGE"]
-    assert table[1][:3] == ["tiny-grpo", "grpo", steps]
+    assert table[0] == ["NAME", "PHASE", "ALGORITHM", "STEP", "TOTAL", "REWARD", "LOSS", "AGE"]
+    assert table[1][:2] == ["tiny-grpo", "grpo"], "the driver fills the progress columns"
 
-    status = '{"status": {"phase": "Running", "progress": {"step": 4, "rewardMean": 0.25, "kl": 0.5}}}'
+    progress = {"step": 4, "totalSteps": int(steps), "rewardMean": 0.25, "kl": 0.5}
+    status = json.dumps({"status": {"phase": "Running", "progress": progress}})
     kubectl(emulator, "patch", "rlhfjob", "tiny-grpo", "--subresource=status", "--type=merge", "-p", status)
     table = rows(kubectl(emulator, "get", "rlhfjobs", "-o", "wide"))
-    assert table[0][-3:] == ["KL", "SAMPLES/S", "AGE"]
+    assert table[0][-4:] == ["ACCURACY", "KL", "SAMPLES/S", "AGE"]
     assert table[1][:7] == ["tiny-grpo", "Running", "grpo", "4", steps, "0.25", "0.5"]
     assert "Running" in kubectl(emulator, "get", "rlhfjob", "tiny-grpo", "-o", "jsonpath={.status.phase}")
     kubectl(emulator, "wait", "rlhfjob/tiny-grpo", "--for=jsonpath={.status.phase}=Running", "--timeout=5s")

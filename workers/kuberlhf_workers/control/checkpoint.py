@@ -34,12 +34,14 @@ SHAPING_FIELDS: dict[str, tuple[str, ...] | None] = {
     "algorithm": None,
     "model": ("actor", "reference", "critic", "tokenizer"),
     "reward": ("function", "model", "url"),
-    "data": ("prompts", "promptKey", "maxPromptTokens", "maxNewTokens", "shuffle"),
+    "data": ("prompts", "promptKey", "maxPromptTokens", "maxNewTokens", "shuffle", "train", "maxLength",
+             "chatTemplate"),
     "rollout": ("samplesPerPrompt", "promptsPerStep", "temperature", "topP", "offPolicySteps"),
     "actor": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
     "critic": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
     "kl": None,
     "loss": None,
+    "dpo": None,
     "seed": None,
 }
 AHEAD = "rollouts-ahead.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kuberlhf import placement, topology
-from kuberlhf.api import RLHFJob, RLHFJobSpec
+from kuberlhf.api import RLHFJob, RLHFJobSpec, steps_to_train
 from kuberlhf_workers.base.samples import summarize
 from kuberlhf_workers.control import checkpoint as ckpt
 from kuberlhf_workers.control.faults import (
@@ -52,6 +52,7 @@ class Outcome:
     total_steps: int
     last_checkpoint: str | None
     history: list[dict[str, float]] = field(default_factory=list)
+    model: str | None = None  # the trained model's folder, when not the last checkpoint's model/
 
 
 def start_ray(spec: RLHFJobSpec, address: str) -> bool:
@@ -94,7 +95,7 @@ class Driver:
     ):
         self.job, self.spec = job, job.spec
         self.spec_dir, self.output_dir = spec_dir, output_dir
-        self.total_steps = max_steps if max_steps is not None else self.spec.schedule.steps
+        self.total_steps = max_steps if max_steps is not None else steps_to_train(self.spec)
         self.ray_address, self.resume = ray_address, resume
         # Ray installs its own SIGTERM handler in ray.init; this hook lets the caller put its own
         # back afterwards (a pod's SIGTERM must checkpoint, not kill).
@@ -216,7 +217,7 @@ class Driver:
         pending, summaries = self._rollout(step)
         records, rollout_refs = pending.records, pending.refs
         t_rollout = time.perf_counter()
-        reward = self.spec.reward
+        reward = self.spec.online_reward()
         rows = len(records) * self.spec.rollout.samples_per_prompt
         # Every reward replica scores its share of the rows (the trainers concatenate the shares).
         spp, replicas = self.spec.rollout.samples_per_prompt, len(self.rewards)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ray import ObjectRef
     from ray.actor import ActorHandle
 
+    from kuberlhf_workers.base.records import Example
     from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
     from kuberlhf_workers.base.transports import ParamMeta, WeightTransport
 
@@ -105,6 +106,31 @@ class TrainerHandle(Handle):
 
     def load(self, directory: str) -> ObjectRef[None]:
         return self.actor.load.remote(directory)
+
+
+class OfflineTrainerHandle(Handle):
+    """A `kuberlhf_workers.training.offline.OfflineTrainerWorker` (one DeepSpeed rank of sft, rm, dpo)."""
+
+    def master_address(self) -> ObjectRef[tuple[str, int]]:
+        return self.actor.master_address.remote()
+
+    def init_world(self, master: tuple[str, int]) -> ObjectRef[None]:
+        return self.actor.init_world.remote(master)
+
+    def train(self, examples: ObjectRef[list[Example]]) -> ObjectRef[dict[str, float]]:
+        return self.actor.train.remote(examples)
+
+    def evaluate(self, examples: ObjectRef[list[Example]]) -> ObjectRef[dict[str, float]]:
+        return self.actor.evaluate.remote(examples)
+
+    def save(self, directory: str, hf_dir: str | None) -> ObjectRef[None]:
+        return self.actor.save.remote(directory, hf_dir)
+
+    def load(self, directory: str) -> ObjectRef[None]:
+        return self.actor.load.remote(directory)
+
+    def export(self, hf_dir: str) -> ObjectRef[None]:
+        return self.actor.export.remote(hf_dir)
 
 
 class ReferenceHandle(Handle):

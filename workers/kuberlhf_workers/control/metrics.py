@@ -83,6 +83,14 @@ class TensorBoardWriter:
 
 
 def summary_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    if "reward_mean" not in metrics and "loss" in metrics:  # an offline run
+        keys = ("eval_loss", "eval_accuracy", "eval_reward_accuracy", "eval_reward_margin")
+        shown = " ".join(f"{k.removeprefix('eval_')} {metrics[k]:.3f}" for k in keys if k in metrics)
+        evals = f"  eval {shown}" if shown else ""
+        return (
+            f"step {step}/{total}  loss {metrics['loss']:.4f}{evals}  "
+            f"{metrics.get('samples_per_second', float('nan')):.1f} samples/s"
+        )
     return (
         f"step {step}/{total}  reward {metrics.get('reward_mean', float('nan')):.3f}  "
         f"kl {metrics.get('kl', float('nan')):.4f}  "
@@ -102,7 +110,8 @@ class PrintProgress:
 class RichProgress:
     """A live bar with step, reward, KL and samples/s; printed lines keep the reward history visible."""
 
-    def __init__(self, total: int, start: int = 0):
+    def __init__(self, total: int | None = None, start: int = 0):
+        """`total` may be unknown until the run has read its data: each step's call sets it."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -116,12 +125,12 @@ class RichProgress:
         self.progress.start()
 
     def __call__(self, step: int, total: int, metrics: dict[str, float], last_checkpoint: str | None) -> None:
-        info = (
+        info = f"loss {metrics.get('loss', float('nan')):.4f}" if "reward_mean" not in metrics else (
             f"reward {metrics.get('reward_mean', float('nan')):.3f}  "
             f"kl {metrics.get('kl', float('nan')):.4f}  "
             f"{metrics.get('samples_per_second', float('nan')):.1f} samples/s"
         )
-        self.progress.update(self.task, completed=step, info=info)
+        self.progress.update(self.task, completed=step, total=total, info=info)
         self.progress.console.print(summary_line(step, total, metrics), highlight=False)
 
     def close(self) -> None:

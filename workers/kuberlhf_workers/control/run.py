@@ -12,27 +12,56 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kuberlhf import api
 from kuberlhf.specfile import load_job
 
 if TYPE_CHECKING:
-    from kuberlhf_workers.control.driver import Driver
+    from kuberlhf_workers.control.driver import Outcome
+    from kuberlhf_workers.control.metrics import ProgressCallback
+
+
+class Program(Protocol):
+    """What `kuberlhf run` needs of a controller program (the RL driver, the offline one)."""
+
+    on_ray_started: Callable[[], None] | None
+
+    def __init__(
+        self,
+        job: api.RLHFJob,
+        spec_dir: Path,
+        output_dir: Path,
+        *,
+        max_steps: int | None = ...,
+        ray_address: str = ...,
+        resume: bool = ...,
+        callbacks: Sequence[ProgressCallback] = ...,
+    ) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def run(self) -> Outcome: ...
 
 TRAINING_FAILED = 3
 
 
-def _rl_program() -> type[Driver]:
+def _rl_program() -> type[Program]:
     from kuberlhf_workers.control.driver import Driver
 
     return Driver
 
 
+def _offline_program() -> type[Program]:
+    from kuberlhf_workers.control.offline import OfflineDriver
+
+    return OfflineDriver
+
+
 # The controller program that trains each kind of algorithm (`api.ALGORITHMS[...].program`).
-PROGRAMS: dict[api.Program, Callable[[], type[Driver]]] = {"rl": _rl_program}
+PROGRAMS: dict[api.Program, Callable[[], type[Program]]] = {"rl": _rl_program, "offline": _offline_program}
 
 
 def output_dir(job_name: str, requested: str | None) -> Path:
@@ -70,9 +99,8 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     from kuberlhf_workers.control.status_reporter import from_environment
 
     out = output_dir(job.metadata.name, args.output)
-    total = args.max_steps if args.max_steps is not None else job.spec.schedule.steps
     tensorboard = TensorBoardWriter(out / "tensorboard")
-    display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress(total)
+    display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress()
     callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]
     reporter = from_environment()  # inside a RayJob: progress into the RLHFJob's status
     if reporter is not None:
@@ -135,7 +163,8 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         )
         return 130
     print(
-        f"{job.metadata.name}: done, {outcome.step} steps; model in {outcome.last_checkpoint}/model, "
+        f"{job.metadata.name}: done, {outcome.step} steps; model in "
+        f"{outcome.model or f'{outcome.last_checkpoint}/model'}, "
         f"metrics in {out / 'metrics.jsonl'}"
     )
     return 0

@@ -24,7 +24,14 @@ from kuberlhf.kube import now_rfc3339, rlhfjob_path
 log = logging.getLogger("kuberlhf.status")
 
 PATCH_TIMEOUT_S = 5.0
-METRIC_KEYS = {"reward_mean": "rewardMean", "kl": "kl", "samples_per_second": "samplesPerSecond"}
+METRIC_KEYS = {
+    "reward_mean": "rewardMean",
+    "kl": "kl",
+    "samples_per_second": "samplesPerSecond",
+    "loss": "loss",
+    "eval_accuracy": "evalAccuracy",  # rm
+    "eval_reward_accuracy": "evalAccuracy",  # dpo: how often the implicit reward prefers `chosen`
+}
 
 
 def progress_document(step: int, total: int, metrics: dict[str, Any], last_checkpoint: str | None,

@@ -1,4 +1,5 @@
-"""The maths of RL post-training as pure torch functions: KL estimators, advantages, losses.
+"""The maths of post-training as pure torch functions: KL estimators, advantages, losses (the
+online ones, and the offline `sft_loss`, `pairwise_loss` and `dpo_loss`).
 
 Shapes: `rewards` is [B] (one scalar per sampled completion, grouped by prompt: rows
 i*G .. i*G+G-1 share a prompt); per-token tensors are [B, T] over response tokens only, and
@@ -275,3 +276,42 @@ def kl_loss(
 ) -> torch.Tensor:
     """KL to the reference as a loss term (kl.mode == "loss"), averaged over response tokens."""
     return masked_mean(kl_estimate(logp, ref_logp, estimator), mask.to(logp.dtype))
+
+
+# -- offline objectives --------------------------------------------------------------------------
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over the masked-in (response) tokens: [B, T] → scalar."""
+    return -masked_mean(logp, mask.to(logp.dtype))
+
+
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bradley-Terry: mean of -log σ(chosen - rejected - margin) over pairs of reward scores [B]."""
+    gap = chosen - rejected if margin is None else chosen - rejected - margin
+    return -torch.nn.functional.logsigmoid(gap).mean()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    ipo: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO on sequence log-probs [B]: (loss, chosen rewards, rejected rewards), the rewards being
+    β · (policy - reference), detached. label_smoothing > 0 is cDPO (that share of labels assumed
+    flipped); ipo regresses the log-ratio gap onto 1/(2β) instead (IPO, Azar et al. 2023)."""
+    gap = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if ipo:
+        losses = (gap - 1 / (2 * beta)) ** 2
+    else:
+        logsigmoid = torch.nn.functional.logsigmoid
+        losses = -(1 - label_smoothing) * logsigmoid(beta * gap) - label_smoothing * logsigmoid(-beta * gap)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses.mean(), chosen_rewards, rejected_rewards

@@ -115,8 +115,12 @@ class DeepSpeedRank:
         rng = Path(self._rng_file(directory))
         rng.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng)
-        if hf_dir is None:
-            return
+        if hf_dir is not None:
+            self.export(hf_dir, tokenizer_path)
+
+    def export(self, hf_dir: str, tokenizer_path: str) -> None:
+        """HF weights and tokenizer from rank 0 (the folder a user loads with from_pretrained);
+        every rank calls it, as ZeRO-3 gathers are collective."""
         module = self.model.module
         with self.gathered(list(module.parameters())):
             if self.rank == 0:
