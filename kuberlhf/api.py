@@ -206,8 +206,9 @@ class DataSpec(_Model):
         "longer records are cut, the prompt from the left, and counted in the metrics.",
     )
     chat_template: bool | None = Field(
-        None, description="Apply the tokenizer's chat template to chat messages and to prompts "
-        "(default: when the tokenizer has one).",
+        None, description="Render chat messages (offline records; online prompt records of the form "
+        '{"messages": [...]}) with the tokenizer\'s chat template; offline, plain-string prompts too. '
+        "Default: on when the tokenizer has a template.",
     )
 
 
@@ -674,7 +675,7 @@ UNUSED_BY: dict[Program, tuple[str, ...]] = {
         "rollout", "reference", "loss", "weightSync", "data.prompts", "data.promptKey",
         "data.maxPromptTokens", "data.maxNewTokens", "actor.epochs",
     ),
-    "rl": ("eval", "data.maxLength", "data.chatTemplate"),
+    "rl": ("eval", "data.maxLength"),
 }
 
 

@@ -43,11 +43,13 @@ PURE = (
     "kuberlhf.placement",
     "kuberlhf.seats",
     "kuberlhf.memory",
+    "kuberlhf.jobrefs",
     "kuberlhf_workers.training.algorithms",
     "kuberlhf_workers.training.batch",
     "kuberlhf_workers.training.layout",
     "kuberlhf_workers.training.experience",
     "kuberlhf_operator.builders",
+    "kuberlhf_operator.dependencies",
 )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from kuberlhf.api import API_VERSION, KIND, RLHFJob, SpecError, spec_to_dict
+from kuberlhf.jobrefs import ref_problems
 from kuberlhf.placement import plan_for
 from kuberlhf.topology import WorkerGroup, worker_groups
 from kuberlhf_operator.names import (
@@ -197,6 +198,9 @@ def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
     check_quantities(job.spec)
     check_checkpoint_path(job)
     check_plan(job)
+    problems = ref_problems(job.spec, job.metadata.name)
+    if problems:
+        raise SpecError(problems)
     pvc = build_pvc(job, namespace)
     return [
         *build_driver_rbac(job, namespace),

@@ -17,7 +17,9 @@ from typing import Any
 import kopf
 
 from kuberlhf.api import API_VERSION, GROUP, PLURAL, VERSION, SpecError, parse_job, spec_to_dict
+from kuberlhf.jobrefs import dependencies
 from kuberlhf.kube import Obj, now_rfc3339
+from kuberlhf_operator import dependencies as deps
 from kuberlhf_operator import status as st
 from kuberlhf_operator.builders import build_all, child_names
 from kuberlhf_operator.kubeapi import ApiError, KubeApi, object_path
@@ -182,9 +184,20 @@ class Reconciler:
             return
         if self._refused_frozen(body, rayjob, wanted_spec):
             return
+        uses = dependencies(job.spec)
+        ready: deps.Verdict | None = None
+        if uses and not launched_before:
+            ready = deps.verdict(job, {d: self.api.get(self.job_path(namespace, d)) for d in uses})
+            if not ready.ready:
+                self.hold(body, ready)
+                return
 
         def launched(current: Obj) -> Obj:
             result = st.validated(current, True, "Valid", "the spec is valid", now_rfc3339(), generation)
+            if ready is not None:
+                condition = st.Condition(deps.CONDITION, True, ready.reason, ready.message)
+                result["conditions"] = st.merge_conditions(result["conditions"], [condition], now_rfc3339(),
+                                                           generation)
             result["rayJobName"] = names.rayjob
             if current.get("phase") in (None, st.PENDING):
                 result["phase"] = st.LAUNCHING
@@ -227,6 +240,34 @@ class Reconciler:
             # was unwritten (an operator restart, a quick KubeRay): those events were dropped, so
             # project its state now, or the job would wait in Launching for its next change.
             self.sync_status(namespace, name, rayjob)
+
+    def hold(self, body: Obj, verdict: deps.Verdict) -> None:
+        """Keep a job Pending until the jobs it uses succeed, or fail it; one Event per change."""
+        meta = body["metadata"]
+        conditions: list[Obj] = (body.get("status") or {}).get("conditions") or []
+        before: Obj = next((c for c in conditions if c.get("type") == deps.CONDITION), {})
+        generation = meta.get("generation")
+        self.patch_status(body, lambda current: st.held(
+            current, verdict.failed, verdict.reason, verdict.message, now_rfc3339(), generation))
+        if (before.get("reason"), before.get("message")) != (verdict.reason, verdict.message):
+            self.event(body, "Warning" if verdict.failed else "Normal", verdict.reason, verdict.message)
+            log.info("RLHFJob %s/%s: %s", meta["namespace"], meta["name"], verdict.message)
+        phase = st.FAILED if verdict.failed else st.PENDING
+        self.metrics.observe_phase(meta["namespace"], meta["name"], phase)
+
+    def release_dependents(self, namespace: str, finished: str) -> None:
+        """Re-reconcile the jobs held back by `finished`, which has just succeeded or failed."""
+        for other in self.api.list(object_path(API_VERSION, "RLHFJob", namespace)):
+            status = other.get("status") or {}
+            if status.get("rayJobName") or status.get("phase") in st.TERMINAL_PHASES:
+                continue
+            try:
+                spec = parse_job({k: v for k, v in other.items() if k != "status"}).spec
+            except SpecError:
+                continue
+            if finished in dependencies(spec):
+                other.setdefault("metadata", {}).setdefault("namespace", namespace)
+                self.reconcile(other)
 
     def _refused_frozen(self, body: Obj, rayjob: Obj | None, wanted_spec: Obj) -> bool:
         """Refuse (and say so) an edit of a launched job's frozen fields."""
@@ -307,6 +348,13 @@ def build_registry(api: KubeApi, metrics: Metrics) -> kopf.OperatorRegistry:
             return  # a RayJob that reports nothing projects as its launch did: nothing to do
         rayjob = None if deleted else raw
         reconciler.sync_status(raw["metadata"]["namespace"], raw["metadata"]["labels"][JOB_LABEL], rayjob)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def rlhfjob_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        # A job that has just finished may be what others wait for (`job:<name>` models).
+        phase = (body.get("status") or {}).get("phase")
+        if event.get("type") != "DELETED" and phase in st.TERMINAL_PHASES:
+            reconciler.release_dependents(body["metadata"]["namespace"], body["metadata"]["name"])
 
     @kopf.on.event("ray.io", "v1", "rayclusters", labels=job_labels, registry=registry)
     def raycluster_event(body: kopf.Body, **_: Any) -> None:

@@ -143,6 +143,10 @@ class KubeApi:
                 return None
             raise
 
+    def list(self, path: str) -> list[Obj]:
+        """The items of a collection (one page: the operator lists only one namespace's RLHFJobs)."""
+        return list(self.request("GET", path).get("items") or [])
+
     def create(self, obj: Obj) -> Obj:
         meta = obj["metadata"]
         return self.request("POST", object_path(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj)

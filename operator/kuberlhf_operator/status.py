@@ -16,7 +16,7 @@ PENDING, LAUNCHING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Launching", "Running", "Suspended", "Succeeded", "Failed")
 PHASES = (PENDING, LAUNCHING, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 TERMINAL_PHASES = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Validated", "ClusterReady", "Training", "Complete", "Failed")
+CONDITION_TYPES = ("Validated", "DependenciesReady", "ClusterReady", "Training", "Complete", "Failed")
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,21 @@ def validated(current: Obj, ok: bool, reason: str, message: str, now: str, gener
         result["phase"] = PENDING
     if ok:
         result["observedGeneration"] = generation
+    return result
+
+
+def held(current: Obj, failed: bool, reason: str, message: str, now: str, generation: int | None) -> Obj:
+    """A job held back by the jobs it uses: Pending while it waits for them, Failed when one failed
+    or does not exist (the DependenciesReady condition says which)."""
+    waiting = Condition("DependenciesReady", False, reason, message)
+    result: Obj = {
+        "conditions": merge_conditions(current.get("conditions") or [], [waiting], now, generation),
+        "phase": FAILED if failed else PENDING,
+        "observedGeneration": generation,
+    }
+    if failed:
+        result["message"] = message
+        result.setdefault("completionTime", current.get("completionTime") or now)
     return result
 
 

@@ -28,7 +28,7 @@ EXAMPLE = REPO / "examples" / "tiny-grpo.yaml"
 NAMESPACE = "default"
 OWNED = ("rayjobs,rayclusters,configmaps,serviceaccounts,roles,rolebindings,persistentvolumeclaims,"
          "networkpolicies")
-START_TIMEOUT_S = 240
+START_TIMEOUT_S = 480  # generous: make test runs another test file beside this one
 TRAIN_TIMEOUT_S = 300
 
 

@@ -78,7 +78,7 @@ def test_job_lifecycle_from_apply_to_delete(cluster: EmulatorHandle, admin: Kube
         reporter.close()
         table = kubectl(cluster, "get", "rlhfjobs")
         header, row = table.splitlines()[:2]
-        assert header.split() == ["NAME", "PHASE", "ALGORITHM", "STEP", "TOTAL", "REWARD", "AGE"]
+        assert header.split() == ["NAME", "PHASE", "ALGORITHM", "STEP", "TOTAL", "REWARD", "LOSS", "AGE"]
         assert row.split()[:6] == ["tiny", "Running", "grpo", "7", "20", "0.625"]
 
         wait_for(lambda: job_status(cluster).get("phase") == "Succeeded", what="phase Succeeded")

@@ -98,3 +98,20 @@ def test_a_file_with_a_broken_line_names_the_line(tmp_path: Path, tokenizer: Any
         load_examples(path, "spec.data.train", "sft", Renderer(tokenizer, None, 64))
     with pytest.raises(ValueError, match="does not exist"):
         load_examples(tmp_path / "nope.jsonl", "spec.data.train", "sft", Renderer(tokenizer, None, 64))
+
+
+def test_online_prompt_records_of_chat_messages_become_the_templated_generation_prompt(
+    tokenizer: Any, tmp_path: Path
+) -> None:
+    from kuberlhf.api import DataSpec
+    from kuberlhf_workers.base.data import load_prompts
+    from kuberlhf_workers.base.records import chat_prompt
+
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Count to 3"}], "answer": "1 2 3"}, {"prompt": "plain"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_prompts(DataSpec(prompts=str(path)), tmp_path, lambda m: chat_prompt(tokenizer, m))
+    assert records[0]["prompt"] == f"{tokenizer.bos_token}user: Count to 3{tokenizer.eos_token}assistant:"
+    assert records[0]["answer"] == "1 2 3" and records[1]["prompt"] == "plain"
+    with pytest.raises(ValueError, match=r"spec\.data\.chatTemplate: record 0"):
+        load_prompts(DataSpec(prompts=str(path)), tmp_path, None)

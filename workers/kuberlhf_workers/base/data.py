@@ -1,7 +1,9 @@
 """Prompt data: loading records from the sources a spec may name, and a resumable sampler.
 
 Every record is a dict with the prompt text under "prompt" (whatever `promptKey` the source
-uses) plus the source's other columns, which reach the reward function as keyword lists.
+uses) plus the source's other columns, which reach the reward function as keyword lists. A
+record may instead hold chat `messages`: the tokenizer's chat template renders them into the
+prompt text, ending in the generation prompt.
 The sampler's whole position is two integers, so a checkpoint resumes the exact prompt order
 (losing the dataloader state on resume is a classic RLHF bug).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +73,19 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _normalise(records: list[dict[str, Any]], key: str, source: str) -> list[dict[str, Any]]:
+def _normalise(
+    records: list[dict[str, Any]], key: str, source: str, chat: Callable[[Any], str] | None
+) -> list[dict[str, Any]]:
     """Move the prompt under "prompt" and reject records without usable prompt text."""
     out = []
     for index, record in enumerate(records):
+        if key not in record and "messages" in record:
+            if chat is None:
+                raise ValueError(
+                    f"spec.data.chatTemplate: record {index} of {source} holds chat messages, but the chat "
+                    "template is off (or the tokenizer has none); give prompts as text under promptKey"
+                )
+            record = {**record, key: chat(record["messages"])}
         text = record.get(key)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(
@@ -87,8 +99,11 @@ def _normalise(records: list[dict[str, Any]], key: str, source: str) -> list[dic
     return out
 
 
-def load_prompts(data: DataSpec, spec_dir: Path) -> list[dict[str, Any]]:
-    """Read every prompt record of `data.prompts`; relative paths are relative to the spec file."""
+def load_prompts(
+    data: DataSpec, spec_dir: Path, chat: Callable[[Any], str] | None = None
+) -> list[dict[str, Any]]:
+    """Read every prompt record of `data.prompts`; relative paths are relative to the spec file.
+    `chat` renders a record's `messages` into prompt text (None: chat templates are off)."""
     source = data.prompts
     if source == "builtin:toy":
         return toy_prompts()
@@ -101,7 +116,7 @@ def load_prompts(data: DataSpec, spec_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"{FIELD}: prompt file {path} does not exist (relative paths start at {spec_dir})")
     records = _read_jsonl(path) if suffix == ".jsonl" else _read_parquet(path)
-    return _normalise(records, data.prompt_key, str(path))
+    return _normalise(records, data.prompt_key, str(path), chat)
 
 
 class PromptSampler:

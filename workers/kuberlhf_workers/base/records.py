@@ -74,11 +74,8 @@ class Renderer:
     """Turns prompts and responses into token ids with one tokenizer, templated or plain."""
 
     def __init__(self, tokenizer: Any, chat_template: bool | None, max_length: int):
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        if chat_template and not has_template:
-            raise ValueError("spec.data.chatTemplate: the tokenizer has no chat template; set it to false")
         self.tokenizer = tokenizer
-        self.chat = has_template if chat_template is None else chat_template
+        self.chat = chat_enabled(tokenizer, chat_template)
         self.max_length = max_length
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -112,6 +109,25 @@ class Renderer:
             eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
             seq = Sequence(self._encode(prompt, True), self._encode(response, False) + eos)
         return _truncate(seq, self.max_length)
+
+
+def chat_prompt(tokenizer: Any, messages: Any, where: str = "spec.data.prompts") -> str:
+    """An online prompt record's messages as the text a rollout engine continues: the template up
+    to the generation prompt, without a BOS the tokenizer will add again itself."""
+    text: str = tokenizer.apply_chat_template(
+        _messages(messages, "user", where), add_generation_prompt=True, tokenize=False
+    )
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+
+
+def chat_enabled(tokenizer: Any, setting: bool | None) -> bool:
+    """spec.data.chatTemplate resolved: its value, else whether the tokenizer has a template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting and not has_template:
+        raise ValueError("spec.data.chatTemplate: the tokenizer has no chat template; set it to false")
+    return has_template if setting is None else setting
 
 
 def _messages(value: Any, role: str, where: str) -> list[Message]:

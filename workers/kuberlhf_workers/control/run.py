@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kuberlhf import api
+from kuberlhf import api, jobrefs
 from kuberlhf.specfile import load_job
 
 if TYPE_CHECKING:
@@ -99,6 +99,14 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     from kuberlhf_workers.control.status_reporter import from_environment
 
     out = output_dir(job.metadata.name, args.output)
+    try:  # job:<name> models: that job's final model, beside this job's output folder
+        problems = jobrefs.ref_problems(job.spec, job.metadata.name)
+        if problems:
+            raise ValueError("; ".join(problems))
+        job = job.model_copy(update={"spec": jobrefs.resolve(job.spec, out.parent)})
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
     tensorboard = TensorBoardWriter(out / "tensorboard")
     display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress()
     callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]

@@ -15,6 +15,7 @@ from kuberlhf.api import RLHFJob, TrainerRole
 from kuberlhf.seats import seats_for
 from kuberlhf_workers.base.data import PromptSampler, load_prompts
 from kuberlhf_workers.base.models import ModelRef, local_model
+from kuberlhf_workers.base.records import chat_enabled, chat_prompt
 from kuberlhf_workers.control.faults import wait_all
 from kuberlhf_workers.control.groups import ActorGroup, Placements, start_group, threads_per_actor
 from kuberlhf_workers.control.handles import ReferenceHandle, RewardHandle, RolloutHandle, TrainerHandle
@@ -66,7 +67,8 @@ def start_workers(
     tokenizer = AutoTokenizer.from_pretrained(local_model(tok_ref))
     local_model(actor_ref)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = PromptSampler(load_prompts(spec.data, spec_dir), spec.seed, spec.data.shuffle)
+    chat = (lambda m: chat_prompt(tokenizer, m)) if chat_enabled(tokenizer, spec.data.chat_template) else None
+    sampler = PromptSampler(load_prompts(spec.data, spec_dir, chat), spec.seed, spec.data.shuffle)
 
     threads = threads_per_actor(spec, local)
     rollout_seats = seats_for(plan, spec, "rollout")
