@@ -187,10 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reward-server", help="serve a reward model over HTTP (POST /score)")
     p.add_argument("--model", required=True, help="sequence-classification model directory")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; 0.0.0.0 serves other pods)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-env", default="KUBERLHF_REWARD_TOKEN",
-                   help="environment variable holding the bearer token (unset: no auth)")
+                   help="environment variable holding the bearer token clients must send")
+    p.add_argument("--insecure", action="store_true",
+                   help="start even when the token variable is unset, serving /score without auth")
     p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
     p.add_argument("--max-body-mb", type=int, default=16, help="largest accepted request body (MiB)")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
