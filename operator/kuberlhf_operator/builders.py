@@ -31,7 +31,7 @@ from kuberlhf_operator.names import (
     object_meta,
     owner_reference,
 )
-from kuberlhf_operator.netpol import build_network_policy
+from kuberlhf_operator.netpol import Peers, build_network_policy
 from kuberlhf_operator.pods import (
     HEAD_RESOURCES,
     SPEC_KEY,
@@ -46,6 +46,7 @@ from kuberlhf_operator.rbac import build_driver_rbac
 
 __all__ = [
     "ChildNames",
+    "Peers",
     "build_all",
     "build_configmap",
     "build_driver_rbac",
@@ -190,10 +191,10 @@ def check_plan(job: RLHFJob) -> None:
         raise SpecError(problems)
 
 
-def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
+def build_all(job: RLHFJob, namespace: str, peers: Peers | None = None) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
     then storage and the spec the pods mount, the network policy before any pod exists, the RayJob
-    last."""
+    last. `peers` says where the operators the network policy admits run (default: `Peers()`)."""
     check_quantities(job.spec)
     check_checkpoint_path(job)
     check_plan(job)
@@ -202,6 +203,6 @@ def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
         *build_driver_rbac(job, namespace),
         *([pvc] if pvc is not None else []),
         build_configmap(job, namespace),
-        build_network_policy(job, namespace),
+        build_network_policy(job, namespace, peers),
         build_rayjob(job, namespace),
     ]

@@ -386,3 +386,21 @@ def test_operator_pods_carry_the_label_job_network_policies_admit(chart: helm.Ch
     objects, _ = render(chart, {})
     (deployment,) = of_kind(objects, "Deployment")
     assert deployment["spec"]["template"]["metadata"]["labels"][OPERATOR_LABEL] == "true"
+
+
+@pytest.mark.parametrize(("values", "kuberay"), [({}, "ray-system"), ({"kuberay": {"namespace": "kuberay"}},
+                                                                      "kuberay")])
+def test_the_operator_is_told_both_namespaces_job_network_policies_pin(
+        chart: helm.Chart, values: dict[str, Any], kuberay: str) -> None:
+    """Its own from the downward API (the release's namespace), KubeRay's from the values; the CLI
+    reads POD_NAMESPACE as the default of --operator-namespace."""
+    from kuberlhf.cli import build_parser
+
+    objects, _ = render(chart, values)
+    (deployment,) = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert f"--kuberay-namespace={kuberay}" in container["args"]
+    args = build_parser().parse_args(["operator", *container["args"]])
+    assert args.kuberay_namespace == kuberay
