@@ -24,6 +24,7 @@ import yaml
 from kuberlhf.api import API_VERSION, KIND, RLHFJob, SpecError, spec_to_dict
 from kuberlhf.placement import plan_for
 from kuberlhf.topology import WorkerGroup, worker_groups
+from kuberlhf_operator.disruption import build_pod_disruption_budget
 from kuberlhf_operator.names import (
     QUEUE_LABEL,
     ChildNames,
@@ -51,6 +52,7 @@ __all__ = [
     "build_configmap",
     "build_driver_rbac",
     "build_network_policy",
+    "build_pod_disruption_budget",
     "build_pvc",
     "build_rayjob",
     "child_names",
@@ -193,8 +195,9 @@ def check_plan(job: RLHFJob) -> None:
 
 def build_all(job: RLHFJob, namespace: str, peers: Peers | None = None) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
-    then storage and the spec the pods mount, the network policy before any pod exists, the RayJob
-    last. `peers` says where the operators the network policy admits run (default: `Peers()`)."""
+    then storage and the spec the pods mount, the disruption budget and the network policy before
+    any pod exists, the RayJob last. `peers` says where the operators the network policy admits run
+    (default: `Peers()`)."""
     check_quantities(job.spec)
     check_checkpoint_path(job)
     check_plan(job)
@@ -203,6 +206,7 @@ def build_all(job: RLHFJob, namespace: str, peers: Peers | None = None) -> list[
         *build_driver_rbac(job, namespace),
         *([pvc] if pvc is not None else []),
         build_configmap(job, namespace),
+        build_pod_disruption_budget(job, namespace),
         build_network_policy(job, namespace, peers),
         build_rayjob(job, namespace),
     ]

@@ -34,6 +34,7 @@ CUSTOM_KINDS = {"ServiceMonitor"}
 DECLARED_NAMESPACED = {
     ("kuberlhf.io", "rlhfjobs"): {"get", "list", "watch", "patch"},
     ("kuberlhf.io", "rlhfjobs/status"): {"patch"},
+    ("kuberlhf.io", "rlhfjobs/finalizers"): {"update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create", "patch"},
@@ -42,6 +43,7 @@ DECLARED_NAMESPACED = {
     ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
     ("", "events"): {"create"},
 }
 DECLARED_CLUSTER: dict[tuple[str, str], set[str]] = {}

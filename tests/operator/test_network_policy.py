@@ -187,7 +187,8 @@ def test_the_operator_may_manage_every_kind_it_builds(job: api.RLHFJob) -> None:
                for group in rule["apiGroups"] for resource in rule["resources"]}
     plural = {"NetworkPolicy": "networkpolicies", "ConfigMap": "configmaps", "RayJob": "rayjobs",
               "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
-              "PersistentVolumeClaim": "persistentvolumeclaims"}
+              "PersistentVolumeClaim": "persistentvolumeclaims",
+              "PodDisruptionBudget": "poddisruptionbudgets"}
     for obj in builders.build_all(job, NAMESPACE):
         group = obj["apiVersion"].rpartition("/")[0]
         assert {"get", "create", "patch"} <= granted.get((group, plural[obj["kind"]]), set()), obj["kind"]
