@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import kubernetes
 import pytest
 import yaml
@@ -190,3 +191,36 @@ def test_children_with_block_owner_deletion_need_update_on_rlhfjobs_finalizers(
     else:
         assert refused and set(refused) == {r.resource for r in creates}, "every owned child is refused"
         assert handle.list("ray.io", "rayjobs") == []
+
+
+def test_the_charts_default_namespaced_install_runs_a_job_with_rights_in_that_namespace_only(
+        secured_cluster: EmulatorHandle, admin: KubeApi) -> None:
+    """The chart's default mode, end to end: its Role and RoleBinding (rendered by Helm for the jobs'
+    namespace) and the operator watching that namespace, as the Deployment's --namespace says. The
+    job runs with no refusal, and no call of the operator reaches outside the namespace: it needs no
+    cluster-scoped right, not even to read the RLHFJob CRD."""
+    handle = secured_cluster
+    chart_dir = RBAC_FILE.parents[1]
+    release, operator_namespace = OPERATOR_USER.split(":")[3], OPERATOR_USER.split(":")[2]
+    with helm.Chart.load(chart_dir) as chart:
+        manifests = chart.render({"watchNamespaces": ["default"]}, name=release, namespace=operator_namespace,
+                                 is_install=True)
+    documents = [doc for path, text in manifests.items() if path.endswith(".yaml")
+                 for doc in yaml.safe_load_all(text) if doc]
+    rbac = [doc for doc in documents if "Role" in doc["kind"]]
+    assert sorted(doc["kind"] for doc in rbac) == ["Role", "RoleBinding"]
+    for doc in rbac:
+        plural = "roles" if doc["kind"] == "Role" else "rolebindings"
+        admin.request("POST", f"/apis/{RB}/v1/namespaces/default/{plural}", doc)
+    [deployment] = [doc for doc in documents if doc["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    watched = [arg.removeprefix("--namespace=") for arg in args if arg.startswith("--namespace=")]
+    assert watched == ["default"]
+    with running_operator(handle, namespaces=watched), running_standin(handle):
+        admin.create(tiny_job())
+        wait_for(lambda: job_status(handle).get("phase") == "Succeeded", timeout=15, what="phase Succeeded")
+    calls = handle.requests(OPERATOR_USER)
+    assert [(r.method, r.path, r.status) for r in calls if r.status in (401, 403)] == []
+    outside = {(r.method, r.path) for r in calls if grant_of(r) is not None and r.namespace != "default"}
+    assert outside == set(), "a namespaced operator reached outside its namespace"
+    assert any(r.method == "POST" and r.resource == "rayjobs" and r.status == 201 for r in calls)
