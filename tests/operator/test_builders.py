@@ -233,7 +233,8 @@ def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
 
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
     doc = example("llama3-8b-ppo-rm")
-    doc["spec"]["reward"]["tokenSecretRef"] = {"name": "rm-auth", "key": "bearer"}
+    doc["spec"]["reward"] = {"url": "https://rm.example/score", "tokenSecretRef": {"name": "rm-auth",
+                                                                                 "key": "bearer"}}
     rj = rayjob(doc)
     for container in ray_containers(rj):
         env = env_of(container)
