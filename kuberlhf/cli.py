@@ -8,6 +8,7 @@ Each subcommand imports its implementation lazily, so `kuberlhf validate` and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     try:
         job = load_job(Path(args.file), check_files=False)
-        objects = builders.build_all(job, namespace=args.namespace or job.metadata.namespace or "default")
+        namespace = args.namespace or job.metadata.namespace or "default"
+        objects = builders.build_all(job, namespace, builders.Peers(args.operator_namespace,
+                                                                    args.kuberay_namespace))
     except api.SpecError as exc:
         for problem in exc.problems:
             print(f"{args.file}: {problem}", file=sys.stderr)
@@ -143,6 +146,17 @@ def cmd_reward_server(args: argparse.Namespace) -> int:
     return int(reward_server.main(args))
 
 
+def add_peer_arguments(p: argparse.ArgumentParser, operator_default: str | None) -> None:
+    """Where the job NetworkPolicies expect the two operators that call job dashboards."""
+    from kuberlhf_operator.netpol import DEFAULT_KUBERAY_NAMESPACE
+
+    p.add_argument("--operator-namespace", default=operator_default,
+                   help="namespace of the kuberlhf operator's pods (operator: $POD_NAMESPACE, which the "
+                   "chart sets; unset: each job's own namespace)")
+    p.add_argument("--kuberay-namespace", default=DEFAULT_KUBERAY_NAMESPACE,
+                   help=f"namespace of the KubeRay operator's pods (default {DEFAULT_KUBERAY_NAMESPACE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kuberlhf",
@@ -163,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the objects the operator would create (a dry run)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--namespace", "-n", help="namespace of the objects (default: the spec's, or default)")
+    add_peer_arguments(p, operator_default=None)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("plan", help="where every rank runs, its process groups and GPU memory; exit 1 if "
@@ -189,14 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8080, help="liveness / readiness endpoint")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics endpoint")
     p.add_argument("--verbose", action="store_true")
+    add_peer_arguments(p, operator_default=os.environ.get("POD_NAMESPACE"))
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("reward-server", help="serve a reward model over HTTP (POST /score)")
     p.add_argument("--model", required=True, help="sequence-classification model directory")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only; 0.0.0.0 serves other pods)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-env", default="KUBERLHF_REWARD_TOKEN",
-                   help="environment variable holding the bearer token (unset: no auth)")
+                   help="environment variable holding the bearer token clients must send")
+    p.add_argument("--insecure", action="store_true",
+                   help="start even when the token variable is unset, serving /score without auth")
     p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
     p.add_argument("--max-body-mb", type=int, default=16, help="largest accepted request body (MiB)")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")

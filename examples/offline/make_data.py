@@ -6,6 +6,8 @@ sft-*.jsonl:   chat records that answer small sums ("What is 12 + 7?" -> "The an
 prefs-*.jsonl: preference pairs in which the reply with more digits is chosen: the preference
                the digits reward of tiny-grpo.yaml encodes, so a reward model trained on them
                can stand in for that function. Prompts alternate between strings and messages.
+grpo-prompts.jsonl: prompts of the same kind as chat messages, for the RL stage of
+               examples/pipeline (the chat template renders them as the reward model saw them).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> None:
     write("sft-eval.jsonl", [sft_record(rng) for _ in range(64)])
     write("prefs-train.jsonl", [pref_record(rng, i) for i in range(512)])
     write("prefs-eval.jsonl", [pref_record(rng, i) for i in range(64)])
+    write("grpo-prompts.jsonl", [{"messages": pref_record(rng, 0)["prompt"]} for _ in range(256)])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from kuberlhf.api import API_VERSION, KIND, RLHFJob, SpecError, spec_to_dict
 from kuberlhf.jobrefs import ref_problems
 from kuberlhf.placement import plan_for
 from kuberlhf.topology import WorkerGroup, worker_groups
+from kuberlhf_operator.disruption import build_pod_disruption_budget
 from kuberlhf_operator.names import (
     QUEUE_LABEL,
     ChildNames,
@@ -32,7 +33,7 @@ from kuberlhf_operator.names import (
     object_meta,
     owner_reference,
 )
-from kuberlhf_operator.netpol import build_network_policy
+from kuberlhf_operator.netpol import Peers, build_network_policy
 from kuberlhf_operator.pods import (
     HEAD_RESOURCES,
     SPEC_KEY,
@@ -47,10 +48,12 @@ from kuberlhf_operator.rbac import build_driver_rbac
 
 __all__ = [
     "ChildNames",
+    "Peers",
     "build_all",
     "build_configmap",
     "build_driver_rbac",
     "build_network_policy",
+    "build_pod_disruption_budget",
     "build_pvc",
     "build_rayjob",
     "child_names",
@@ -191,10 +194,11 @@ def check_plan(job: RLHFJob) -> None:
         raise SpecError(problems)
 
 
-def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
+def build_all(job: RLHFJob, namespace: str, peers: Peers | None = None) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
-    then storage and the spec the pods mount, the network policy before any pod exists, the RayJob
-    last."""
+    then storage and the spec the pods mount, the disruption budget and the network policy before
+    any pod exists, the RayJob last. `peers` says where the operators the network policy admits run
+    (default: `Peers()`)."""
     check_quantities(job.spec)
     check_checkpoint_path(job)
     check_plan(job)
@@ -206,6 +210,7 @@ def build_all(job: RLHFJob, namespace: str) -> list[dict[str, Any]]:
         *build_driver_rbac(job, namespace),
         *([pvc] if pvc is not None else []),
         build_configmap(job, namespace),
-        build_network_policy(job, namespace),
+        build_pod_disruption_budget(job, namespace),
+        build_network_policy(job, namespace, peers),
         build_rayjob(job, namespace),
     ]

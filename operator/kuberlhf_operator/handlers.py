@@ -25,6 +25,7 @@ from kuberlhf_operator.builders import build_all, child_names
 from kuberlhf_operator.kubeapi import ApiError, KubeApi, object_path
 from kuberlhf_operator.metrics import Metrics
 from kuberlhf_operator.names import JOB_LABEL
+from kuberlhf_operator.netpol import Peers
 
 APPLIED_SPEC = "kuberlhf.io/applied-spec"
 MUTABLE_FIELDS = ("suspend", "backoffLimit", "ttlSecondsAfterFinished")
@@ -81,9 +82,10 @@ def mutable_patch(rayjob: Obj, built: Obj, queued: bool, suspend: bool) -> Obj:
 class Reconciler:
     """The operator's actions; one per operator, shared by all handlers."""
 
-    def __init__(self, api: KubeApi, metrics: Metrics) -> None:
+    def __init__(self, api: KubeApi, metrics: Metrics, peers: Peers | None = None) -> None:
         self.api = api
         self.metrics = metrics
+        self.peers = peers or Peers()
 
     def job_path(self, namespace: str, name: str, status: bool = False) -> str:
         return object_path(API_VERSION, "RLHFJob", namespace, name) + ("/status" if status else "")
@@ -169,7 +171,7 @@ class Reconciler:
         namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
         try:
             job = parse_job({k: v for k, v in body.items() if k != "status"})
-            objects = build_all(job, namespace)
+            objects = build_all(job, namespace, self.peers)
         except SpecError as exc:
             self.refuse(body, "InvalidSpec", "; ".join(exc.problems))
             return
@@ -324,10 +326,10 @@ def make_settings(settings: kopf.OperatorSettings | None = None) -> kopf.Operato
     return settings
 
 
-def build_registry(api: KubeApi, metrics: Metrics) -> kopf.OperatorRegistry:
+def build_registry(api: KubeApi, metrics: Metrics, peers: Peers | None = None) -> kopf.OperatorRegistry:
     """A fresh registry with every handler bound to one Reconciler (one per operator / test)."""
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(api, metrics)
+    reconciler = Reconciler(api, metrics, peers)
     job_labels = {JOB_LABEL: kopf.PRESENT}
 
     @kopf.on.login(registry=registry)

@@ -11,11 +11,15 @@ the Helm chart must grant) visible in one place:
     ""            configmaps, serviceaccounts, persistentvolumeclaims   get, create, patch
     rbac...       roles, rolebindings       get, create, patch
     networking... networkpolicies           get, create, patch
+    policy        poddisruptionbudgets      get, create, patch
+    kuberlhf.io   rlhfjobs/finalizers       update       (no call: OwnerReferencesPermissionEnforcement)
     ""            events                    create       (kopf: create too)
     ""            namespaces                list, watch  (kopf's namespace observer)
 
 `OPERATOR_RULES` is that table as RBAC rules; the tests run the operator bound to exactly
-these rules (with RBAC enforced) and fail on any 403.
+these rules (with RBAC enforced) and fail on any 403. `rlhfjobs/finalizers` is used by no request:
+every child's owner reference sets blockOwnerDeletion, and where the OwnerReferencesPermissionEnforcement
+admission plugin runs (OpenShift) it refuses that unless the creator may update the owner's finalizers.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "ConfigMap": "configmaps",
     "NetworkPolicy": "networkpolicies",
+    "PodDisruptionBudget": "poddisruptionbudgets",
     "RayJob": "rayjobs",
     "RayCluster": "rayclusters",
     "RLHFJob": "rlhfjobs",
@@ -49,6 +54,7 @@ _CHILD_VERBS = ["get", "create", "patch"]
 OPERATOR_RULES: list[Obj] = [
     {"apiGroups": ["kuberlhf.io"], "resources": ["rlhfjobs"], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["kuberlhf.io"], "resources": ["rlhfjobs/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["kuberlhf.io"], "resources": ["rlhfjobs/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["configmaps", "serviceaccounts", "persistentvolumeclaims"],
@@ -56,6 +62,7 @@ OPERATOR_RULES: list[Obj] = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
      "verbs": _CHILD_VERBS},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _CHILD_VERBS},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]

@@ -17,6 +17,7 @@ import kopf
 from kuberlhf_operator.handlers import build_registry, make_settings
 from kuberlhf_operator.kubeapi import KubeApi
 from kuberlhf_operator.metrics import Metrics
+from kuberlhf_operator.netpol import Peers
 
 log = logging.getLogger("kuberlhf.operator")
 
@@ -28,8 +29,11 @@ async def run(args: argparse.Namespace, api: KubeApi, metrics: Metrics) -> None:
         loop.add_signal_handler(sig, stop.set)
     namespaces = list(args.namespace)
     log.info("watching RLHFJobs in %s", ", ".join(namespaces) if namespaces else "all namespaces")
+    peers = Peers(args.operator_namespace, args.kuberay_namespace)
+    log.info("job dashboards admit this operator from namespace %s and KubeRay from %s",
+             peers.operator_namespace or "(each job's own)", peers.kuberay_namespace)
     await kopf.operator(
-        registry=build_registry(api, metrics), settings=make_settings(), standalone=True,
+        registry=build_registry(api, metrics, peers), settings=make_settings(), standalone=True,
         clusterwide=not namespaces, namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz", stop_flag=stop,
     )

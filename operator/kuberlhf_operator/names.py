@@ -32,6 +32,7 @@ class ChildNames:
     role_binding: str
     pvc: str
     network_policy: str
+    pod_disruption_budget: str
 
 
 def child_names(job: RLHFJob) -> ChildNames:
@@ -44,6 +45,7 @@ def child_names(job: RLHFJob) -> ChildNames:
         role_binding=f"{name}-driver",
         pvc=f"{name}-checkpoints",
         network_policy=f"{name}-ingress",
+        pod_disruption_budget=f"{name}-ray-pods",
     )
 
 

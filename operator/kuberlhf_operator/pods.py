@@ -3,6 +3,9 @@
 Every pod runs the worker image as a non-root user with no capabilities, mounts the job
 spec (ConfigMap) and the checkpoint volume, and gets secrets only as secretKeyRef, so no
 secret value ever sits in a spec, a ConfigMap or the RLHFJob status.
+
+Each Secret goes only to the containers whose processes use it (`hub_token_needed`,
+`reward_token_needed`): a Secret in a pod's environment is readable by every process in it.
 """
 
 from __future__ import annotations
@@ -84,19 +87,44 @@ def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
+def downloads_from_hub(ref: str) -> bool:
+    """Whether a model reference may be fetched from the hub: neither a builtin (built locally) nor
+    a path or URL, the same order `resolve_model` tries them in (a bare relative name may still be a
+    folder in the image: it counts as the hub's, so it gets the token it might need)."""
+    return not (ref.startswith("builtin:") or ref.startswith(("/", "./", "../", "~")) or "://" in ref)
+
+
+def hub_token_needed(job: RLHFJob, role: str) -> bool:
+    """HF_TOKEN where models are downloaded: the head (the driver resolves the actor and tokenizer
+    before any actor starts) and the rollout, trainer and reference pods; the reward pods only for a
+    reward model from the hub, since nothing else there needs it."""
+    if role == "reward":
+        model = job.spec.reward.model if job.spec.reward is not None else None
+        return model is not None and downloads_from_hub(model)
+    return True
+
+
+def reward_token_needed(job: RLHFJob, role: str) -> bool:
+    """The reward-server token only for a `reward.url`, the one source that sends it. Its client runs in
+    light reward actors that Ray may place on any Ray pod of the job (there is no reward group then),
+    so every Ray pod gets it; a reward model scores in-process and never does."""
+    return job.spec.reward is not None and job.spec.reward.url is not None
+
+
 def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
-    """What every process needs to know about its job; secrets only as references."""
+    """What every process needs to know about its job; secrets only as references, only where used."""
     out: list[dict[str, Any]] = [
         {"name": "KUBERLHF_JOB_NAME", "value": job.metadata.name},
         {"name": "KUBERLHF_NAMESPACE", "value": namespace},
         {"name": "KUBERLHF_ROLE", "value": role},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
     ]
-    if job.spec.model.hub_token_secret_ref is not None:
-        out.append(_secret_env("HF_TOKEN", job.spec.model.hub_token_secret_ref))
-    reward = job.spec.reward
-    if reward is not None and reward.token_secret_ref is not None:
-        out.append(_secret_env("KUBERLHF_REWARD_TOKEN", reward.token_secret_ref))
+    hub = job.spec.model.hub_token_secret_ref
+    reward = job.spec.reward.token_secret_ref if job.spec.reward is not None else None
+    if hub is not None and hub_token_needed(job, role):
+        out.append(_secret_env("HF_TOKEN", hub))
+    if reward is not None and reward_token_needed(job, role):
+        out.append(_secret_env("KUBERLHF_REWARD_TOKEN", reward))
     return out
 
 

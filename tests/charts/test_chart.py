@@ -34,6 +34,7 @@ CUSTOM_KINDS = {"ServiceMonitor"}
 DECLARED_NAMESPACED = {
     ("kuberlhf.io", "rlhfjobs"): {"get", "list", "watch", "patch"},
     ("kuberlhf.io", "rlhfjobs/status"): {"patch"},
+    ("kuberlhf.io", "rlhfjobs/finalizers"): {"update"},
     ("ray.io", "rayjobs"): {"get", "list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create", "patch"},
@@ -42,6 +43,7 @@ DECLARED_NAMESPACED = {
     ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
     ("", "events"): {"create"},
 }
 DECLARED_CLUSTER: dict[tuple[str, str], set[str]] = {}
@@ -50,6 +52,7 @@ DECLARED_CLUSTER_WIDE: dict[tuple[str, str], set[str]] = {}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "cluster-wide": {"clusterWide": True},
     "existing-service-account": {"serviceAccount": {"create": False, "name": "ops-bot"}, "replicas": 0},
     "everything-set": {
         "image": {"repository": "registry.example.com/kuberlhf/operator", "tag": "0.1.0-rc1",
@@ -151,8 +154,25 @@ def test_the_operator_holds_every_permission_it_grants_job_drivers() -> None:
         assert verbs <= held.get(key, set()), f"the API server would refuse the driver Role: {key} {verbs}"
 
 
-def test_cluster_wide_mode_renders_one_cluster_role_with_all_permissions(chart: helm.Chart) -> None:
+def test_by_default_the_operator_holds_rights_only_in_its_release_namespace(chart: helm.Chart) -> None:
+    """The default install is namespaced: an operator that can create RayJobs (pods) and Roles in
+    every namespace is opt-in (clusterWide: true), not what a plain `helm install` gives."""
     objects, _ = render(chart, {})
+    assert of_kind(objects, "ClusterRole") == [] and of_kind(objects, "ClusterRoleBinding") == []
+    [role] = of_kind(objects, "Role")
+    [binding] = of_kind(objects, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert grants(role["rules"]) == rbac_file()["namespaced"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
+    [deployment] = of_kind(objects, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={NAMESPACE}"]
+
+
+def test_cluster_wide_mode_renders_one_cluster_role_with_all_permissions(chart: helm.Chart) -> None:
+    objects, _ = render(chart, VALUE_SETS["cluster-wide"])
     assert of_kind(objects, "Role") == [] and of_kind(objects, "RoleBinding") == []
     [role] = of_kind(objects, "ClusterRole")
     [binding] = of_kind(objects, "ClusterRoleBinding")
@@ -161,11 +181,16 @@ def test_cluster_wide_mode_renders_one_cluster_role_with_all_permissions(chart: 
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
+    [deployment] = of_kind(objects, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--namespace")], "no --namespace: kopf watches them all"
 
 
 def test_namespaced_mode_confines_job_permissions_to_the_watched_namespaces(chart: helm.Chart) -> None:
     objects, _ = render(chart, VALUE_SETS["namespaced"])
     expected = rbac_file()
+    # Not even a read of the RLHFJob CRD: kopf runs with scanning off and finds RLHFJobs through
+    # discovery, which every authenticated identity may read.
     assert of_kind(objects, "ClusterRole") == [], "namespaced mode needs no cluster-wide right"
     assert of_kind(objects, "ClusterRoleBinding") == []
     roles = of_kind(objects, "Role")
@@ -314,7 +339,7 @@ def test_an_existing_service_account_is_bound_instead_of_created(chart: helm.Cha
     assert of_kind(objects, "ServiceAccount") == []
     [deployment] = of_kind(objects, "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ops-bot"
-    [binding] = of_kind(objects, "ClusterRoleBinding")
+    [binding] = of_kind(objects, "RoleBinding")
     assert binding["subjects"][0]["name"] == "ops-bot"
 
 
@@ -326,6 +351,8 @@ def test_an_existing_service_account_is_bound_instead_of_created(chart: helm.Cha
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
         ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
+        ({"clusterWide": "yes"}, "/clusterWide"),
+        ({"kuberay": {"namespace": "Ray_System"}}, "/kuberay/namespace"),
         ({"securityContext": {"runAsUsr": 1000}}, "'runAsUsr'"),
         ({"metrics": {"port": "9090"}}, "/metrics/port"),
         ({"metrics": {"serviceMonitor": {"enabled": True, "intervall": "1m"}}}, "'intervall'"),
@@ -348,6 +375,7 @@ def test_bad_values_are_rejected_naming_the_key(
         ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
         ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
          "metrics.service.enabled"),
+        ({"clusterWide": True, "watchNamespaces": ["team-a"]}, "leave watchNamespaces empty"),
     ],
 )
 def test_inconsistent_values_fail_rendering_with_the_fix(
@@ -359,14 +387,17 @@ def test_inconsistent_values_fail_rendering_with_the_fix(
 
 def test_notes_tell_how_to_start_and_watch_a_job(chart: helm.Chart) -> None:
     _, notes = render(chart, {})
-    assert "every namespace" in notes
+    assert f"handles RLHFJobs in: {NAMESPACE} (and has no rights elsewhere)" in notes
     assert "kubectl get crd rayjobs.ray.io" in notes
-    assert "kubectl get rlhfjobs -w" in notes
+    assert f"kubectl get rlhfjobs -n {NAMESPACE} -w" in notes
     assert f"deployment/{RELEASE}" in notes
     assert "kubectl delete crd rlhfjobs.kuberlhf.io" in notes
     _, notes = render(chart, VALUE_SETS["namespaced"])
     assert "team-a, team-b" in notes
     assert "kubectl get rlhfjobs -n team-a -w" in notes
+    _, notes = render(chart, VALUE_SETS["cluster-wide"])
+    assert "every namespace (clusterWide: true)" in notes
+    assert "kubectl get rlhfjobs -w" in notes
 
 
 def test_the_packaged_chart_carries_the_crd_and_renders(tmp_path: Path) -> None:
@@ -376,8 +407,7 @@ def test_the_packaged_chart_carries_the_crd_and_renders(tmp_path: Path) -> None:
         assert [c["data"].encode() for c in packaged.crds] == [(ROOT / "crds" / "rlhfjob.yaml").read_bytes()]
         assert "files/operator-rbac.yaml" in [f["name"] for f in packaged.files]
         objects, _ = render(packaged, {})
-    assert {o["kind"] for o in objects} == {"ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                                            "ServiceAccount"}
+    assert {o["kind"] for o in objects} == {"Role", "RoleBinding", "Deployment", "Service", "ServiceAccount"}
 
 
 def test_operator_pods_carry_the_label_job_network_policies_admit(chart: helm.Chart) -> None:
@@ -386,3 +416,21 @@ def test_operator_pods_carry_the_label_job_network_policies_admit(chart: helm.Ch
     objects, _ = render(chart, {})
     (deployment,) = of_kind(objects, "Deployment")
     assert deployment["spec"]["template"]["metadata"]["labels"][OPERATOR_LABEL] == "true"
+
+
+@pytest.mark.parametrize(("values", "kuberay"), [({}, "ray-system"), ({"kuberay": {"namespace": "kuberay"}},
+                                                                      "kuberay")])
+def test_the_operator_is_told_both_namespaces_job_network_policies_pin(
+        chart: helm.Chart, values: dict[str, Any], kuberay: str) -> None:
+    """Its own from the downward API (the release's namespace), KubeRay's from the values; the CLI
+    reads POD_NAMESPACE as the default of --operator-namespace."""
+    from kuberlhf.cli import build_parser
+
+    objects, _ = render(chart, values)
+    (deployment,) = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert f"--kuberay-namespace={kuberay}" in container["args"]
+    args = build_parser().parse_args(["operator", *container["args"]])
+    assert args.kuberay_namespace == kuberay

@@ -37,6 +37,8 @@ from tests.tools import require_kubectl
 
 CHART_DIR = REPO / "charts" / "kuberlhf"
 RELEASE, OPERATOR_NAMESPACE = "kuberlhf", "kuberlhf-system"
+# The chart's default, namespaced mode, pointed at the namespace the jobs run in.
+CHART_VALUES: dict[str, Any] = {"watchNamespaces": ["default"]}
 INSTALLED_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
@@ -135,14 +137,26 @@ class OperatorProcess:
         stop_group(self.proc)
 
 
-def chart_install_objects() -> list[dict[str, Any]]:
-    """The chart's ServiceAccount and RBAC, rendered with default values by the real Helm engine;
-    the Deployment and Service are left out because the operator runs as a local process."""
+def chart_documents() -> list[dict[str, Any]]:
+    """Every object of the chart, rendered with CHART_VALUES by the real Helm engine."""
     with helm.Chart.load(CHART_DIR) as chart:
-        manifests = chart.render({}, name=RELEASE, namespace=OPERATOR_NAMESPACE, is_install=True)
-    documents = [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
-                 for doc in yaml.safe_load_all(text) if doc]
-    return [doc for doc in documents if doc["kind"] in INSTALLED_KINDS]
+        manifests = chart.render(CHART_VALUES, name=RELEASE, namespace=OPERATOR_NAMESPACE, is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def chart_install_objects() -> list[dict[str, Any]]:
+    """The chart's ServiceAccount and RBAC; the Deployment and Service are left out because the
+    operator runs as a local process."""
+    return [doc for doc in chart_documents() if doc["kind"] in INSTALLED_KINDS]
+
+
+def chart_watch_arguments() -> list[str]:
+    """The --namespace arguments the chart's Deployment gives the operator, so the local process
+    watches exactly where the chart granted it rights."""
+    [deployment] = [doc for doc in chart_documents() if doc["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return [arg for arg in container["args"] if arg.startswith("--namespace=")]
 
 
 def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -207,7 +221,8 @@ def operator(cluster: Cluster, operator_account: tuple[str, str],
     health = free_port()
     log = tmp_path / "operator.log"
     proc = _start([str(VENV_BIN / "kuberlhf"), "operator", "--health-port", str(health),
-                   "--metrics-port", str(free_port())], log, env={"KUBECONFIG": str(kubeconfig)})
+                   "--metrics-port", str(free_port()), *chart_watch_arguments()], log,
+                  env={"KUBECONFIG": str(kubeconfig)})
     try:
         def healthy() -> bool:
             assert proc.poll() is None, f"the operator exited:\n{log.read_text()}"

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 EXAMPLE = REPO / "examples" / "tiny-grpo.yaml"
 NAMESPACE = "default"
 OWNED = ("rayjobs,rayclusters,configmaps,serviceaccounts,roles,rolebindings,persistentvolumeclaims,"
-         "networkpolicies")
+         "networkpolicies,poddisruptionbudgets")
 START_TIMEOUT_S = 480  # generous: make test runs another test file beside this one
 TRAIN_TIMEOUT_S = 300
 
@@ -152,7 +152,7 @@ def test_rlhfjob_trains_suspends_resumes_and_is_cleaned_up_with_least_privilege(
     kinds = {child.split("/")[0] for child in children}
     rbac = "rbac.authorization.k8s.io"
     assert {"configmap", "serviceaccount", f"role.{rbac}", f"rolebinding.{rbac}", "persistentvolumeclaim",
-            "rayjob.ray.io"} <= kinds, children
+            "rayjob.ray.io", "poddisruptionbudget.policy"} <= kinds, children
     cluster.kubectl("delete", "rlhfjob", name, "-n", NAMESPACE, "--timeout=60s")
     wait_until(lambda: not owned_objects(cluster, name), 30, "the job's children to be garbage-collected")
     assert cluster.kubectl("get", "rlhfjobs", "-n", NAMESPACE, "-o", "name").strip() == ""

@@ -8,6 +8,7 @@ least privilege against the very Role objects the project ships.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,3 +89,38 @@ def allowed(attrs: Attributes, roles: list[Obj], cluster_roles: list[Obj],
         if grants(role):
             return True
     return False
+
+
+def _blocking(obj: Obj | None) -> set[str]:
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return {ref.get("uid") for ref in refs if ref.get("blockOwnerDeletion")}
+
+
+def owner_reference_checks(user: str, namespace: str | None, group: str, resource: str, new: Obj,
+                           old: Obj | None, owner_resource: Callable[[str, str], tuple[str, str]]
+                           ) -> list[tuple[Attributes, str]]:
+    """What kube-apiserver's OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift)
+    authorizes before a write that touches ownerReferences, each with the message of its refusal.
+
+    Changing the references of an existing object needs `delete` on that object; each reference that
+    newly sets blockOwnerDeletion needs `update` on the owner's `finalizers` subresource (the power to
+    hold up its deletion). `owner_resource(apiVersion, kind)` -> (group, plural) of the owner.
+    """
+    new_refs = (new.get("metadata") or {}).get("ownerReferences") or []
+    old_refs = ((old or {}).get("metadata") or {}).get("ownerReferences") or []
+    if new_refs == old_refs:
+        return []
+    name = (new.get("metadata") or {}).get("name")
+    checks = []
+    if old is not None:
+        checks.append((Attributes(user, "delete", group, resource, namespace, name),
+                       "cannot set an ownerRef on a resource you can't delete"))
+    blocking_before = _blocking(old)
+    for ref in new_refs:
+        if ref.get("blockOwnerDeletion") and ref.get("uid") not in blocking_before:
+            owner_group, owner_plural = owner_resource(ref.get("apiVersion", ""), ref.get("kind", ""))
+            checks.append((Attributes(user, "update", owner_group, owner_plural, namespace, ref.get("name"),
+                                      "finalizers"),
+                           "cannot set blockOwnerDeletion if an ownerReference refers to a resource you "
+                           "can't set finalizers on"))
+    return checks

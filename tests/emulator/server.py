@@ -7,8 +7,9 @@ generations, 201/409/410/422, status-subresource separation, merge / JSON patche
 selectors, resumable watches from an event log, garbage collection, finalizers, Table
 rendering, discovery from applied CRDs, and optional bearer-token RBAC.
 Server-side apply is approximated as create-or-merge-patch (no field managers, no
-conflicts). Not emulated: admission (schema / CEL validation of custom resources), dryRun
-(refused with 400), pagination, protobuf bodies (415).
+conflicts). Of admission, only OwnerReferencesPermissionEnforcement is emulated, on request
+(`enforce_owner_references`). Not emulated: other admission (schema / CEL validation of custom
+resources), dryRun (refused with 400), pagination, protobuf bodies (415).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     """kmock's emulator made realistic enough for kopf and the real kubectl."""
 
     authorize: bool = False
+    # Emulate the OwnerReferencesPermissionEnforcement admission plugin (off in kube-apiserver's
+    # defaults, on in OpenShift); only bites where `authorize` is on.
+    enforce_owner_references: bool = False
     admin_token: str = attrs.field(factory=lambda: secrets.token_hex(16))
     tokens: dict[str, str] = attrs.field(factory=dict)
     superusers: set[str] = attrs.field(factory=lambda: {ADMIN, "kuberay-standin"})
@@ -251,14 +255,39 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             return
         attributes = rbac.Attributes(entry.user, entry.verb or "", rtype.group, rtype.plural, entry.namespace,
                                      entry.name, entry.subresource)
-        rb = "rbac.authorization.k8s.io"
-        listing = [list(self.store.get((rb, plural), {}).values())
-                   for plural in ("roles", "clusterroles", "rolebindings", "clusterrolebindings")]
-        if not rbac.allowed(attributes, *listing):
+        if not self._allowed(attributes):
             what = rtype.plural + (f"/{entry.subresource}" if entry.subresource else "")
             raise ApiError(403, "Forbidden", f'{what} "{entry.name or ""}" is forbidden: User "{entry.user}" '
                            f'cannot {entry.verb} resource "{what}" in API group "{rtype.group}" '
                            f'in the namespace "{entry.namespace}"')
+
+    def _allowed(self, attributes: rbac.Attributes) -> bool:
+        rb = "rbac.authorization.k8s.io"
+        listing = [list(self.store.get((rb, plural), {}).values())
+                   for plural in ("roles", "clusterroles", "rolebindings", "clusterrolebindings")]
+        return rbac.allowed(attributes, *listing)
+
+    def _owner_resource(self, api_version: str, kind: str) -> tuple[str, str]:
+        group, _, version = api_version.rpartition("/")
+        found = next((t for t in self.types.values()
+                      if (t.group, t.version, t.kind) == (group, version, kind)), None)
+        return (group, found.plural if found else kind.lower() + "s")
+
+    def _admit_owner_references(self, entry: LoggedRequest, rtype: ResourceType, new: Any,
+                                old: Obj | None) -> None:
+        if not (self.enforce_owner_references and self.authorize) or entry.user in self.superusers:
+            return
+        if not isinstance(new, dict):
+            return
+        checks = rbac.owner_reference_checks(entry.user, entry.namespace, rtype.group, rtype.plural, new, old,
+                                             self._owner_resource)
+        for attributes, refusal in checks:
+            if not self._allowed(attributes):
+                what = attributes.resource + (f"/{attributes.subresource}" if attributes.subresource else "")
+                name = (new.get("metadata") or {}).get("name", "")
+                raise ApiError(403, "Forbidden", f'{rtype.plural} "{name}" is forbidden: {refusal}: User '
+                               f'"{entry.user}" cannot {attributes.verb} resource "{what}" in API group '
+                               f'"{attributes.group}" in the namespace "{attributes.namespace}"')
 
     async def _serve(self, request: ApiPath, raw_body: bytes, raw: aiohttp.web.BaseRequest,
                      params: dict[str, str], entry: LoggedRequest, watch: bool) -> aiohttp.web.StreamResponse:
@@ -287,6 +316,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             return _json({"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
                           "metadata": {"resourceVersion": str(self.rv)}, "items": items})
         if raw.method == "POST":
+            self._admit_owner_references(entry, rtype, body, None)
             return _json(self._create(rtype, namespace, body), 201)
         if request.name is None:
             raise ApiError(405, "MethodNotAllowed", f"{raw.method} needs an object name")
@@ -320,6 +350,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 raise ApiError(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
         else:
             raise ApiError(405, "MethodNotAllowed", f"{raw.method} is not supported")
+        if request.subresource is None:
+            self._admit_owner_references(entry, rtype, wanted, current)
         return _json(self._update(rtype, current, wanted, request.subresource))
 
     def _orphan(self, uid: str) -> None:

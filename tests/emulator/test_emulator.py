@@ -246,6 +246,43 @@ def test_rbac_grants_only_what_roles_bind(emulator: EmulatorHandle) -> None:
     assert ("patch", "mine", "status", 200) in logged and ("patch", "other", "status", 403) in logged
 
 
+def test_owner_reference_enforcement_guards_block_owner_deletion_and_adoption(
+        emulator: EmulatorHandle) -> None:
+    """OwnerReferencesPermissionEnforcement, as kube-apiserver's gc admission plugin decides."""
+    emulator.call(lambda: setattr(emulator.emulator, "enforce_owner_references", True))
+    user = "system:serviceaccount:default:maker"
+    token = emulator.add_token(user)
+    owner = call(emulator, "POST", JOBS, job("owner"))[1]
+    ref = {"apiVersion": "kuberlhf.io/v1alpha1", "kind": "RLHFJob", "name": "owner",
+           "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    rbac = "rbac.authorization.k8s.io"
+    rules = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}]
+    role = {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": {"name": "maker"}, "rules": rules}
+    binding = {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": {"name": "maker"},
+               "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "maker"},
+               "subjects": [{"kind": "ServiceAccount", "name": "maker", "namespace": "default"}]}
+    roles = f"/apis/{rbac}/v1/namespaces/default/roles"
+    call(emulator, "POST", roles, role)
+    call(emulator, "POST", f"/apis/{rbac}/v1/namespaces/default/rolebindings", binding)
+
+    assert call(emulator, "POST", CMS, configmap("plain"), token=token)[0] == 201
+    code, error = call(emulator, "POST", CMS, configmap("child", ownerReferences=[ref]), token=token)
+    assert code == 403, error
+    assert "cannot set blockOwnerDeletion" in error["message"] and '"rlhfjobs/finalizers"' in error["message"]
+    non_blocking = {**ref, "blockOwnerDeletion": False}
+    weak = configmap("weak", ownerReferences=[non_blocking])
+    assert call(emulator, "POST", CMS, weak, token=token)[0] == 201
+
+    rules.append({"apiGroups": ["kuberlhf.io"], "resources": ["rlhfjobs/finalizers"], "verbs": ["update"]})
+    call(emulator, "PATCH", f"{roles}/maker", {"rules": rules}, MERGE)
+    assert call(emulator, "POST", CMS, configmap("child", ownerReferences=[ref]), token=token)[0] == 201
+    # Adopting an existing object changes its references: that takes `delete` on it as well.
+    code, error = call(emulator, "PATCH", f"{CMS}/plain", {"metadata": {"ownerReferences": [ref]}}, MERGE,
+                       token=token)
+    assert code == 403 and "cannot set an ownerRef on a resource you can't delete" in error["message"]
+    assert call(emulator, "PATCH", f"{CMS}/child", {"data": {"k": "w"}}, MERGE, token=token)[0] == 200
+
+
 def test_canary_plain_kmock_still_lacks_what_the_subclass_adds() -> None:
     """If kmock (pinned 0.8) starts doing these itself, revisit tests/emulator/server.py."""
     url = "/api/v1/namespaces/default/configmaps"

@@ -183,11 +183,13 @@ def test_the_operator_entrypoint_is_the_kuberlhf_operator_command() -> None:
 def test_the_chart_passes_only_flags_the_operator_command_accepts() -> None:
     deployment = (ROOT / "charts" / "kuberlhf" / "templates" / "deployment.yaml").read_text()
     flags = set(re.findall(r"- (--[a-z-]+)", deployment))
-    assert flags == {"--health-port", "--metrics-port", "--namespace", "--verbose"}
+    assert flags == {"--health-port", "--metrics-port", "--kuberay-namespace", "--namespace", "--verbose"}
     args = cli.build_parser().parse_args(
-        ["operator", "--health-port=8080", "--metrics-port=9090", "--namespace=a", "--verbose"]
+        ["operator", "--health-port=8080", "--metrics-port=9090", "--kuberay-namespace=kr", "--namespace=a",
+         "--verbose"]
     )
-    assert (args.health_port, args.metrics_port, args.namespace, args.verbose) == (8080, 9090, ["a"], True)
+    assert (args.health_port, args.metrics_port, args.kuberay_namespace, args.namespace, args.verbose) == \
+        (8080, 9090, "kr", ["a"], True)
 
 
 def test_the_worker_image_installs_the_gpu_stack_and_never_the_cpu_one() -> None:

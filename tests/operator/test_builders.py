@@ -233,7 +233,8 @@ def _walk(node: Any, path: str = "") -> list[tuple[str, Any]]:
 
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
     doc = example("llama3-8b-ppo-rm")
-    doc["spec"]["reward"]["tokenSecretRef"] = {"name": "rm-auth", "key": "bearer"}
+    doc["spec"]["reward"] = {"url": "https://rm.example/score", "tokenSecretRef": {"name": "rm-auth",
+                                                                                 "key": "bearer"}}
     rj = rayjob(doc)
     for container in ray_containers(rj):
         env = env_of(container)
@@ -270,13 +271,13 @@ def test_driver_rbac_pins_its_own_job_and_has_no_wildcards() -> None:
 def test_build_all_returns_every_child_in_apply_order() -> None:
     objects = builders.build_all(job_of(example("tiny-ppo")), "team-a")
     assert [o["kind"] for o in objects] == [
-        "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "NetworkPolicy",
-        "RayJob",
+        "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget",
+        "NetworkPolicy", "RayJob",
     ]
     names = builders.child_names(job_of(example("tiny-ppo")))
     assert [o["metadata"]["name"] for o in objects] == [
         names.service_account, names.role, names.role_binding, names.pvc, names.configmap,
-        names.network_policy, names.rayjob,
+        names.pod_disruption_budget, names.network_policy, names.rayjob,
     ]
     assert {o["metadata"]["namespace"] for o in objects} == {"team-a"}
 

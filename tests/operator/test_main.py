@@ -35,9 +35,10 @@ def test_operator_command_serves_probes_reconciles_and_stops_on_sigterm(cluster:
     cli = Path(sys.executable).parent / "kuberlhf"
     process = subprocess.Popen(
         [str(cli), "operator", "--namespace", "default", "--health-port", str(health),
-         "--metrics-port", str(metrics)],
-        env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+         "--metrics-port", str(metrics), "--kuberay-namespace", "kuberay"],
+        # POD_NAMESPACE is what the chart's downward API gives the operator's pod.
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "kuberlhf-system"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: fetch(f"http://127.0.0.1:{health}/healthz"), timeout=20, what="/healthz")
         with running_standin(cluster):
@@ -54,3 +55,9 @@ def test_operator_command_serves_probes_reconciles_and_stops_on_sigterm(cluster:
             process.communicate()
     assert process.returncode == 0, output
     assert "watching RLHFJobs in default" in output and "created" in output
+    policy = cluster.get("networking.k8s.io", "networkpolicies", "default", "tiny-ingress")
+    assert policy is not None
+    pinned = [peer["namespaceSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]
+              for peer in rule["from"] if "namespaceSelector" in peer]
+    assert pinned == [{"kubernetes.io/metadata.name": "kuberlhf-system"},
+                      {"kubernetes.io/metadata.name": "kuberay"}], "the job's dashboard admits both operators"

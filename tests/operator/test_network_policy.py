@@ -76,9 +76,14 @@ def job() -> api.RLHFJob:
     return load("llama3-8b-ppo-rm", uid=UID)
 
 
+OPERATOR_NAMESPACE, KUBERAY_NAMESPACE = "kuberlhf-system", "ray-system"
+PEERS = netpol.Peers(OPERATOR_NAMESPACE, KUBERAY_NAMESPACE)
+
+
 @pytest.fixture(scope="module")
 def policy(job: api.RLHFJob) -> dict[str, Any]:
-    return netpol.build_network_policy(job, NAMESPACE)
+    """The policy of an operator installed in its own namespace, apart from the jobs."""
+    return netpol.build_network_policy(job, NAMESPACE, PEERS)
 
 
 @pytest.mark.parametrize("version", builtin_versions())
@@ -95,7 +100,7 @@ def test_policy_is_owned_by_the_job_labelled_and_applied_before_the_rayjob(job: 
     assert meta["labels"]["kuberlhf.io/job"] == job.metadata.name
     kinds = [o["kind"] for o in builders.build_all(job, NAMESPACE)]
     assert kinds.index("NetworkPolicy") == kinds.index("RayJob") - 1
-    assert builders.build_all(job, NAMESPACE)[kinds.index("NetworkPolicy")] == policy
+    assert builders.build_all(job, NAMESPACE, PEERS)[kinds.index("NetworkPolicy")] == policy
 
 
 def test_policy_selects_every_pod_of_the_job_and_no_other(job: api.RLHFJob, policy: dict[str, Any]) -> None:
@@ -115,6 +120,9 @@ def test_only_ingress_is_restricted_and_every_rule_names_its_sources(policy: dic
         assert rule["from"], "a rule without 'from' admits every source"
         for peer in rule["from"]:
             assert peer.get("podSelector", {}).get("matchLabels"), f"{peer} would admit every pod"
+            if "namespaceSelector" in peer:  # pinned by the one namespace label users cannot set
+                assert set(peer["namespaceSelector"]) == {"matchLabels"}, peer
+                assert list(peer["namespaceSelector"]["matchLabels"]) == ["kubernetes.io/metadata.name"]
 
 
 @pytest.mark.parametrize("port", [GCS, CLIENT, DASHBOARD, REWARD_SERVER, OBJECT_MANAGER])
@@ -130,9 +138,14 @@ KUBERAY = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/inst
 
 
 @pytest.mark.parametrize(("who", "source", "allowed_ports"), [
-    ("the kuberlhf operator", pod(OPERATOR), {DASHBOARD}),
-    ("the KubeRay operator in its own namespace", pod(KUBERAY, "ray-system"), {DASHBOARD}),
+    ("the kuberlhf operator in its namespace", pod(OPERATOR, OPERATOR_NAMESPACE), {DASHBOARD}),
+    ("the KubeRay operator in its namespace", pod(KUBERAY, KUBERAY_NAMESPACE), {DASHBOARD}),
     ("a kuberlhf-operator label in another namespace", pod(OPERATOR, "intruder"), set()),
+    ("a kuberlhf-operator label in the job's namespace", pod(OPERATOR), set()),
+    ("a kuberay-operator label in another namespace", pod(KUBERAY, "intruder"), set()),
+    ("a kuberay-operator label in the job's namespace", pod(KUBERAY), set()),
+    ("a kuberay-operator label in the kuberlhf operator's namespace", pod(KUBERAY, OPERATOR_NAMESPACE),
+     set()),
     ("the job's label forged in another namespace",
      pod({"kuberlhf.io/job": "llama3-8b-ppo"}, "intruder"), set()),
     ("another job's head in the same namespace",
@@ -145,6 +158,18 @@ def test_outsiders_reach_only_the_documented_dashboard_port(
 ) -> None:
     for port in (GCS, CLIENT, DASHBOARD, REWARD_SERVER, OBJECT_MANAGER):
         assert admits(policy, source, port) == (port in allowed_ports), f"{who} -> port {port}"
+
+
+def test_by_default_the_operator_is_expected_in_the_jobs_namespace_and_kuberay_in_ray_system(
+        job: api.RLHFJob) -> None:
+    """The chart's default install puts the operator beside its jobs; KubeRay's kustomize install
+    uses ray-system. Both stay pinned: the other namespace's look-alikes get nothing."""
+    policy = netpol.build_network_policy(job, NAMESPACE)
+    assert admits(policy, pod(OPERATOR), DASHBOARD)
+    assert admits(policy, pod(KUBERAY, "ray-system"), DASHBOARD)
+    assert not admits(policy, pod(OPERATOR, OPERATOR_NAMESPACE), DASHBOARD)
+    assert not admits(policy, pod(KUBERAY, "intruder"), DASHBOARD)
+    assert [o for o in builders.build_all(job, NAMESPACE) if o["kind"] == "NetworkPolicy"] == [policy]
 
 
 def test_kuberays_alpha_network_policy_knob_stays_unset(job: api.RLHFJob) -> None:
@@ -162,7 +187,8 @@ def test_the_operator_may_manage_every_kind_it_builds(job: api.RLHFJob) -> None:
                for group in rule["apiGroups"] for resource in rule["resources"]}
     plural = {"NetworkPolicy": "networkpolicies", "ConfigMap": "configmaps", "RayJob": "rayjobs",
               "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
-              "PersistentVolumeClaim": "persistentvolumeclaims"}
+              "PersistentVolumeClaim": "persistentvolumeclaims",
+              "PodDisruptionBudget": "poddisruptionbudgets"}
     for obj in builders.build_all(job, NAMESPACE):
         group = obj["apiVersion"].rpartition("/")[0]
         assert {"get", "create", "patch"} <= granted.get((group, plural[obj["kind"]]), set()), obj["kind"]

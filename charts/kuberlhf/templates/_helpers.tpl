@@ -40,6 +40,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
+The namespaces the operator watches, comma-separated; empty when it watches every namespace.
+Usage: include "kuberlhf.watchNamespaces" . | splitList ","  (after checking clusterWide)
+*/}}
+{{- define "kuberlhf.watchNamespaces" -}}
+{{- if .Values.clusterWide -}}
+{{- if .Values.watchNamespaces -}}
+{{- fail "clusterWide: true already watches every namespace; leave watchNamespaces empty or set clusterWide: false" -}}
+{{- end -}}
+{{- else -}}
+{{- join "," (default (list .Release.Namespace) .Values.watchNamespaces) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 The operator's permissions, read from files/operator-rbac.yaml (their single source).
 Usage: include "kuberlhf.rules" (list . "namespaced")
 */}}

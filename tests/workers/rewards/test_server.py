@@ -248,7 +248,8 @@ def test_client_fails_clearly_and_fast_when_the_server_is_down() -> None:
     )
 
 
-def test_cli_reward_server_serves_with_a_token_and_stops_on_sigterm(reward_model_dir: Path) -> None:
+def test_cli_reward_server_serves_loopback_with_a_token_and_stops_on_sigterm(reward_model_dir: Path) -> None:
+    """No --host: the server listens on 127.0.0.1 only, the default that exposes nothing to other pods."""
     port = free_port()
     env = {**os.environ, "RM_TOKEN": "tok-123"}
     command = [
@@ -258,8 +259,6 @@ def test_cli_reward_server_serves_with_a_token_and_stops_on_sigterm(reward_model
         "reward-server",
         "--model",
         str(reward_model_dir),
-        "--host",
-        "127.0.0.1",
         "--port",
         str(port),
         "--token-env",
@@ -288,7 +287,7 @@ def test_cli_reward_server_serves_with_a_token_and_stops_on_sigterm(reward_model
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "tok-123" not in output and "the cat" not in output
-    assert "auth on" in output
+    assert f"listening on 127.0.0.1:{port} (auth on)" in output
     assert "POST /score 401" in output, "requests are still logged, without their query"
 
 
@@ -316,7 +315,26 @@ def test_cli_reward_server_exits_1_naming_a_model_it_cannot_load(tmp_path: Path,
 
     missing = tmp_path / "no-such-model"
     args = build_parser().parse_args(
-        ["reward-server", "--model", str(missing), "--host", "127.0.0.1", "--port", str(free_port())]
+        ["reward-server", "--model", str(missing), "--port", str(free_port()), "--insecure"]
     )
     assert reward_server.main(args) == 1
     assert f"--model {missing}: cannot load the reward model: spec.reward.model:" in caplog.text
+
+
+def test_cli_reward_server_refuses_to_start_without_a_token_unless_insecure(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kuberlhf.cli import build_parser
+    from kuberlhf_workers.rewards import server as reward_server
+
+    monkeypatch.delenv("RM_TOKEN", raising=False)
+    argv = ["reward-server", "--model", str(tmp_path / "no-such-model"), "--port", str(free_port()),
+            "--token-env", "RM_TOKEN"]
+    assert reward_server.main(build_parser().parse_args(argv)) == 2
+    assert "RM_TOKEN is not set: set it to a bearer token clients must send, or pass --insecure" \
+        in caplog.text
+    assert "cannot load the reward model" not in caplog.text, "it refused before listening or loading"
+    caplog.clear()
+    # --insecure is the explicit opt-out: the server goes on to load its model (here, and fails on it).
+    assert reward_server.main(build_parser().parse_args([*argv, "--insecure"])) == 1
+    assert "--insecure: /score accepts requests without a token" in caplog.text
+    assert "cannot load the reward model" in caplog.text

@@ -1,4 +1,10 @@
-"""`kuberlhf reward-server`: a reward model behind HTTP (POST /score), run by the reward worker group.
+"""`kuberlhf reward-server`: a reward model behind HTTP (POST /score), for jobs whose `reward.url`
+points at it (a job's own reward group scores in-process and needs no server).
+
+Safe unless told otherwise: it listens on 127.0.0.1, and it refuses to start without a bearer token
+(read from `--token-env`) unless `--insecure` says an open /score is intended, because anyone who
+can reach an open server can feed it inputs and read its scores. Serving other pods takes both an
+explicit `--host 0.0.0.0` and a token.
 
 Scoring runs in one worker thread behind a lock, so health probes and metrics stay responsive
 while a batch is being scored, and the model never sees two batches at once. The bearer token
@@ -230,11 +236,23 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
         await runner.cleanup()
 
 
+def missing_token(token: str | None, insecure: bool, token_env: str) -> str | None:
+    """Why the server must not start (None: it may): no token and no explicit `--insecure`."""
+    if token is not None or insecure:
+        return None
+    return (f"{token_env} is not set: set it to a bearer token clients must send, or pass --insecure "
+            "to serve /score to anyone who can reach it")
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = os.environ.get(args.token_env) or None
+    refusal = missing_token(token, args.insecure, args.token_env)
+    if refusal is not None:
+        log.error("%s", refusal)
+        return 2
     if token is None:
-        log.warning("%s is not set: /score accepts requests without a token", args.token_env)
+        log.warning("--insecure: /score accepts requests without a token")
     try:
         asyncio.run(serve(args, token))
     except KeyboardInterrupt:
