@@ -34,14 +34,14 @@ def test_validate_reports_one_line_per_problem_with_the_field(tmp_path: Path) ->
     worse = tmp_path / "worse.yaml"
     worse.write_text(
         "apiVersion: kuberlhf.io/v1alpha1\nkind: RLHFJob\nmetadata: {name: worse}\n"
-        "spec:\n  algorithm: sft\n  model: {actor: builtin:tiny}\n  reward: {function: 'mod:fn'}\n"
+        "spec:\n  algorithm: sftt\n  model: {actor: builtin:tiny}\n  reward: {function: 'mod:fn'}\n"
         "  actor: {replicas: -2, zeroStage: 2, learningRat: 0.1}\n"
     )
     result = kuberlhf("validate", str(bad), str(worse))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith(f"{bad}: spec.rollout.samplesPerPrompt:")
-    assert any(line.startswith(f"{worse}: spec.algorithm: got 'sft'") for line in lines)
+    assert any(line.startswith(f"{worse}: spec.algorithm: got 'sftt'") for line in lines)
     assert any(line.startswith(f"{worse}: spec.actor.replicas:") for line in lines)
     assert any(line.startswith(f"{worse}: spec.actor.learningRat: unknown field") for line in lines)
     assert len(lines) == 4

@@ -196,7 +196,7 @@ def test_finalizers_hold_deletion_until_removed(emulator: EmulatorHandle) -> Non
 
 def test_table_rendering_uses_the_crd_printer_columns(emulator: EmulatorHandle) -> None:
     call(emulator, "POST", JOBS, job())
-    status = {"status": {"phase": "Running", "progress": {"step": 3}}}
+    status = {"status": {"phase": "Running", "progress": {"step": 3, "totalSteps": 5}}}
     call(emulator, "PATCH", f"{JOBS}/j/status", status, MERGE)
     code, table = call(emulator, "GET", JOBS, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     assert code == 200 and table["kind"] == "Table"
