@@ -205,6 +205,10 @@ class DataSpec(_Model):
         512, ge=8, le=131072, description="Offline algorithms: tokens per record (prompt and response); "
         "longer records are cut, the prompt from the left, and counted in the metrics.",
     )
+    packing: bool = Field(
+        False, description="sft: pack short records into shared rows (no padding; position ids and a "
+        "block-diagonal mask keep them apart) instead of padding each micro-batch to its longest.",
+    )
     chat_template: bool | None = Field(
         None, description="Render chat messages (offline records; online prompt records of the form "
         '{"messages": [...]}) with the tokenizer\'s chat template; offline, plain-string prompts too. '
@@ -567,6 +571,12 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         message=f"data.train and data.eval are datasets of {_OFFLINE_NAMES}; online algorithms "
         "read data.prompts: remove them or change the algorithm",
         holds=lambda s: not ALGORITHMS[s.algorithm].online or (s.data.train is None and s.data.eval is None),
+    ),
+    CrossFieldRule(
+        cel="!self.data.packing || self.algorithm == 'sft'",
+        field="spec.data.packing",
+        message="packing applies to sft records only: remove data.packing or set algorithm: sft",
+        holds=lambda s: not s.data.packing or s.algorithm == "sft",
     ),
     CrossFieldRule(
         cel="!has(self.dpo) || self.algorithm == 'dpo'",

@@ -39,13 +39,24 @@ def test_two_ranks_stay_identical_and_sync_delivers_their_weights(
     )
     driver = Driver(job, tmp_path, tmp_path / "out")
     driver.setup()
+    exported = tmp_path / "exported"
     try:
         before = ray.get(driver.rollouts[0].parameters())
         metrics = driver.train_step(0)
         rank0, rank1 = ray.get([a.parameters() for a in driver.actors])
         synced = ray.get(driver.rollouts[0].parameters())
+        # Exported a shard file at a time (64 KiB here), as save_pretrained lays them out.
+        ray.get([a.export(str(exported), 2**16) for a in driver.actors])
     finally:
         driver.release()
+    from transformers import AutoModelForCausalLM
+
+    assert len(list(exported.glob("model-*-of-*.safetensors"))) > 1
+    assert (exported / "model.safetensors.index.json").is_file() and (exported / "tokenizer.json").is_file()
+    loaded = dict(AutoModelForCausalLM.from_pretrained(exported).named_parameters())
+    assert set(loaded) == set(rank0)
+    for name, tensor in rank0.items():
+        assert torch.equal(loaded[name].detach(), tensor), f"{name} differs in the exported model"
     assert metrics["time_sync_s"] > 0
     assert [n for n in rank0 if not torch.equal(before[n], rank0[n])], "the step should move the weights"
     assert set(rank0) == set(rank1) == set(synced)

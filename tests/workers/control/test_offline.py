@@ -97,7 +97,7 @@ def test_dpo_raises_the_eval_reward_accuracy_and_margin_against_the_frozen_refer
     assert (Path(outcome.model) / "model.safetensors").is_file()
 
 
-def test_sft_lowers_the_loss_on_the_responses_and_exports_a_generating_model(
+def test_packed_sft_lowers_the_loss_on_the_responses_and_exports_a_generating_model(
     ray_session: None, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +106,7 @@ def test_sft_lowers_the_loss_on_the_responses_and_exports_a_generating_model(
         tmp_path,
         tiny_model_dir,
         "sft",
+        data={"train": "train.jsonl", "eval": "eval.jsonl", "maxLength": 64, "packing": True},
         eval={"everySteps": 4},
         schedule={"epochs": 2},
         actor={"zeroStage": 2, "learningRate": 1e-2, "microBatchSize": 16, "globalBatchSize": 32},

@@ -68,7 +68,7 @@ def test_the_sft_rm_grpo_chain_runs_in_order_and_raises_the_reward_models_score(
     prompts = [tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False)
                for r in records[:16]]
     rm = runs / "pipeline-rm" / "final"
-    grpo_final = runs / "pipeline-grpo" / "checkpoints" / "step-000020" / "model"
+    grpo_final = runs / "pipeline-grpo" / "final"
     before = mean_reward(runs / "pipeline-sft" / "final", rm, prompts)
     after = mean_reward(grpo_final, rm, prompts)
     print(f"\nreward-model score of sampled replies: SFT policy {before:.3f}, after GRPO {after:.3f}")

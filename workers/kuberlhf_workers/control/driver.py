@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from kuberlhf import placement, topology
 from kuberlhf.api import RLHFJob, RLHFJobSpec, steps_to_train
+from kuberlhf.jobrefs import FINAL
 from kuberlhf_workers.base.samples import summarize
 from kuberlhf_workers.control import checkpoint as ckpt
 from kuberlhf_workers.control.faults import (
@@ -400,8 +401,12 @@ class Driver:
                     callback(step, self.total_steps, metrics, self.last_checkpoint)
             if saved_at != step:
                 self.save(step)
-            status = "completed" if step >= self.total_steps else "interrupted"
-            return Outcome(status, step, self.total_steps, self.last_checkpoint, history)
+            if step < self.total_steps:
+                return Outcome("interrupted", step, self.total_steps, self.last_checkpoint, history)
+            final = self.output_dir / FINAL
+            wait_all([(a.label, a.export(str(final))) for a in self.actors], self.step_timeout,
+                     f"writing the final model to {final}", "check that the output folder is writable")
+            return Outcome("completed", step, self.total_steps, self.last_checkpoint, history, str(final))
         finally:
             self.release()
             if started_ray:

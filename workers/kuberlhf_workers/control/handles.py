@@ -107,6 +107,9 @@ class TrainerHandle(Handle):
     def load(self, directory: str) -> ObjectRef[None]:
         return self.actor.load.remote(directory)
 
+    def export(self, hf_dir: str, shard_bytes: int | None = None) -> ObjectRef[None]:
+        return self.actor.export.remote(hf_dir, shard_bytes)
+
 
 class OfflineTrainerHandle(Handle):
     """A `kuberlhf_workers.training.offline.OfflineTrainerWorker` (one DeepSpeed rank of sft, rm, dpo)."""

@@ -17,6 +17,7 @@ from typing import Any
 from kuberlhf import placement
 from kuberlhf.api import RLHFJob, steps_to_train
 from kuberlhf.files import find_spec_file
+from kuberlhf.jobrefs import FINAL
 from kuberlhf.seats import seats_for
 from kuberlhf_workers.base.data import PromptSampler
 from kuberlhf_workers.base.models import ModelRef, local_model
@@ -29,7 +30,6 @@ from kuberlhf_workers.control.handles import OfflineTrainerHandle
 from kuberlhf_workers.control.metrics import ProgressCallback
 from kuberlhf_workers.training.offline import OfflineTrainerWorker, batch_size, combine
 
-FINAL = "final"  # OUTPUT/final: the trained model, loadable with from_pretrained
 HINT = "raise spec.schedule.stepTimeoutSeconds if a step legitimately takes longer"
 
 

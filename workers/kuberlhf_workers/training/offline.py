@@ -9,6 +9,7 @@ so this module never sees text.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from kuberlhf_workers.training.algorithms import dpo_loss, pairwise_loss, sft_lo
 from kuberlhf_workers.training.batch import Batch, collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
 from kuberlhf_workers.training.layout import train_layout
+from kuberlhf_workers.training.packing import pack, packed_logprobs
 from kuberlhf_workers.training.rank import DeepSpeedRank
 
 Metrics = dict[str, float]
@@ -81,6 +83,7 @@ class SFTObjective:
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
         self.trainer, self.pad_id = spec.actor, pad_id
+        self.packing = spec.data.max_length if spec.data.packing else None
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         return _causal_lm(path)
@@ -88,6 +91,12 @@ class SFTObjective:
     def _nll(
         self, model: torch.nn.Module, examples: list[Example], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.packing is not None:
+            packed = pack([e.chosen for e in examples], self.packing, self.pad_id)
+            out = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                        attention_mask=None, use_cache=False)
+            mask = packed.target_mask.to(device)
+            return sft_loss(packed_logprobs(out.logits, packed), mask), mask.sum()
         batch = sequence_batch([e.chosen for e in examples], self.pad_id)
         logp = token_logprobs(forward_logits(model, batch), batch, 1.0)
         mask = batch.response_mask.to(device)
@@ -161,24 +170,32 @@ class DPOObjective:
         self.reference: torch.nn.Module | None = None
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
-        reference = _causal_lm(self.reference_path or path)
-        reference.eval().requires_grad_(False)
-        self.reference = reference
+        self.reference_path = self.reference_path or path
         return _causal_lm(path)
+
+    def _frozen_reference(self, device: torch.device) -> torch.nn.Module:
+        """The reference, loaded on first use: after the policy's sharded build, so it is a whole
+        model on this rank (a ZeRO-3 inference engine for references too big for one GPU is not
+        built yet)."""
+        if self.reference is None:
+            if self.reference_path is None:
+                raise RuntimeError("the dpo objective computes losses only after build_model")
+            reference = _causal_lm(self.reference_path).to(device)
+            reference.eval().requires_grad_(False)
+            self.reference = reference
+        return self.reference
 
     def _rewards(
         self, model: torch.nn.Module, examples: list[Example], device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        if self.reference is None:
-            raise RuntimeError("the dpo objective computes losses only after build_model")
+        reference = self._frozen_reference(device)
         n = len(examples)
         batch = sequence_batch(
             [e.chosen for e in examples] + [e.rejected for e in examples if e.rejected], self.pad_id
         )
         policy = sequence_logprobs(model, batch, device)
-        self.reference.to(device)
         with torch.no_grad():
-            ref = sequence_logprobs(self.reference, batch, device)
+            ref = sequence_logprobs(reference, batch, device)
         d = self.dpo
         return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], d.beta, d.label_smoothing, d.ipo)
 
@@ -257,8 +274,8 @@ class OfflineTrainerWorker:
         return free_address()
 
     def init_world(self, master: tuple[str, int]) -> None:
-        model = self.objective.build_model(self.model_path, self.pad_id)
-        self.rank.join(master, model, self.spec.schedule.step_timeout_seconds)
+        build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
+        self.rank.join(master, build, self.spec.schedule.step_timeout_seconds)
 
     def train(self, examples: list[Example]) -> Metrics:
         """One optimizer step over this rank's shard of `examples`; rank 0 returns the metrics."""

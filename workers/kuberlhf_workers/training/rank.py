@@ -8,8 +8,9 @@ the weight-sync sender.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from kuberlhf_workers.base.transports import (
 )
 from kuberlhf_workers.training.layout import Layout, deepspeed_config
 
+# Largest safetensors file an export writes, and so the most full weights it gathers at once.
+EXPORT_SHARD_BYTES = 2 * 2**30
+
 
 class DeepSpeedRank:
     """Rank `rank` of a `layout.world`-rank world training `trainer`'s model (tag `tag` in checkpoints)."""
@@ -41,8 +45,13 @@ class DeepSpeedRank:
             raise RuntimeError(f"{self.tag} rank {self.rank} used before joining its DeepSpeed world")
         return self._model
 
-    def join(self, master: tuple[str, int], model: torch.nn.Module, timeout_s: float) -> None:
-        """Join the data-parallel world; all ranks must call this concurrently."""
+    def join(self, master: tuple[str, int], build: Callable[[], torch.nn.Module], timeout_s: float) -> None:
+        """Join the data-parallel world, then build the model in it; all ranks call this concurrently.
+
+        Under ZeRO-3 the model is built sharded: with an `HfDeepSpeedConfig` alive, from_pretrained
+        creates every parameter inside `deepspeed.zero.Init` and loads the checkpoint into the shards,
+        so no rank ever holds the whole model (72B in fp32 would be 288 GB per rank). The config is
+        dropped once DeepSpeed owns the model, so later loads (a DPO reference) are plain again."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -53,8 +62,6 @@ class DeepSpeedRank:
             WORLD_SIZE=str(self.layout.world),
             LOCAL_RANK="0",  # Ray gives each rank its own device
         )
-        if self.trainer.gradient_checkpointing:
-            model.gradient_checkpointing_enable()  # type: ignore[operator]
         # As deepspeed.initialize would, but with the step deadline instead of torch's 30 minutes:
         # a rank stuck in a collective fails with the others instead of holding the job.
         deepspeed.init_distributed(
@@ -63,9 +70,18 @@ class DeepSpeedRank:
             timeout=timedelta(seconds=timeout_s),
         )
         config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda")
+        sharded = None
+        if self.trainer.zero_stage == 3:
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+            sharded = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
+        model = build()
+        if self.trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
         self._model, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config
         )
+        del sharded
 
     def gathered(self, params: list[torch.nn.Parameter]) -> Any:
         """Full tensors inside the block under ZeRO-3 (a no-op otherwise); collective."""
@@ -118,18 +134,38 @@ class DeepSpeedRank:
         if hf_dir is not None:
             self.export(hf_dir, tokenizer_path)
 
-    def export(self, hf_dir: str, tokenizer_path: str) -> None:
-        """HF weights and tokenizer from rank 0 (the folder a user loads with from_pretrained);
-        every rank calls it, as ZeRO-3 gathers are collective."""
-        module = self.model.module
-        with self.gathered(list(module.parameters())):
-            if self.rank == 0:
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                module.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
-        if self.rank == 0:
-            from transformers import AutoTokenizer
+    def export(self, hf_dir: str, tokenizer_path: str, shard_bytes: int = EXPORT_SHARD_BYTES) -> None:
+        """HF weights (safetensors shards and their index, as save_pretrained writes them), config and
+        tokenizer from rank 0: the folder a user loads with from_pretrained. Every rank calls it
+        (ZeRO-3 gathers are collective); parameters are gathered one shard file at a time, so rank 0
+        never holds more than `shard_bytes` of full weights, whatever the model's size."""
+        from safetensors.torch import save_file
 
-            AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(hf_dir)
+        module = self.model.module
+        out = Path(hf_dir)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+                stale.unlink()
+        buckets = self._full_buckets(plan_buckets(self.param_meta(), shard_bytes))
+        files: list[list[str]] = []
+        total = 0
+        for i, bucket in enumerate(buckets):
+            names = [name for name, _ in bucket]
+            files.append(names)
+            if self.rank == 0:
+                tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in bucket}
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+                save_file(tensors, str(out / f"part-{i:05d}.safetensors"), metadata={"format": "pt"})
+        if self.rank != 0:
+            return
+        _name_shards(out, files, total)
+        module.config.save_pretrained(hf_dir)
+        if getattr(module, "generation_config", None) is not None and module.can_generate():
+            module.generation_config.save_pretrained(hf_dir)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(hf_dir)
 
     def load(self, directory: str) -> None:
         path, _ = self.model.load_checkpoint(directory, tag=self.tag, load_optimizer_states=True)
@@ -141,6 +177,22 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def _name_shards(out: Path, files: list[list[str]], total_bytes: int) -> None:
+    """Rename the written parts as save_pretrained names them: model.safetensors when one file
+    holds everything, else model-0000i-of-0000n.safetensors plus model.safetensors.index.json."""
+    parts = sorted(out.glob("part-*.safetensors"))
+    if len(parts) == 1:
+        parts[0].rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (part, names) in enumerate(zip(parts, files, strict=True), start=1):
+        final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        part.rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def _rng_state() -> dict[str, Any]:

@@ -10,6 +10,7 @@ no extra forward pass is needed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import Experience, make_experience
 from kuberlhf_workers.training.layout import train_layout
 from kuberlhf_workers.training.objectives import OBJECTIVES, ValueObjective
-from kuberlhf_workers.training.rank import DeepSpeedRank
+from kuberlhf_workers.training.rank import EXPORT_SHARD_BYTES, DeepSpeedRank
 
 
 def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
@@ -62,8 +63,8 @@ class TrainerWorker:
 
     def init_world(self, master: tuple[str, int]) -> None:
         """Load the model and join the data-parallel world; all ranks must call this concurrently."""
-        model = self.objective.build_model(self.model_path, self.pad_id)
-        self.rank.join(master, model, self.spec.schedule.step_timeout_seconds)
+        build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
+        self.rank.join(master, build, self.spec.schedule.step_timeout_seconds)
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -146,3 +147,8 @@ class TrainerWorker:
 
     def load(self, directory: str) -> None:
         self.rank.load(directory)
+
+    def export(self, hf_dir: str, shard_bytes: int | None = None) -> None:
+        """The trained model as a from_pretrained folder with its tokenizer (every rank calls it);
+        `shard_bytes` caps each weights file (default 2 GiB)."""
+        self.rank.export(hf_dir, self.tokenizer_path, shard_bytes or EXPORT_SHARD_BYTES)

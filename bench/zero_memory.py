@@ -1,0 +1,209 @@
+"""Host memory per trainer rank by ZeRO stage: does a ZeRO-3 rank ever hold the whole model?
+
+    .venv/bin/python bench/zero_memory.py [--layers 20 --hidden 1024] [--out bench/out/zero-memory]
+
+Builds a Llama of a few hundred million parameters locally (random weights, the builtin:tiny
+tokenizer), then for ZeRO-2 and ZeRO-3 starts two real trainer ranks of the offline program
+(SFT, DeepSpeed on gloo, one local Ray) and reads each rank's peak resident memory (VmHWM from
+/proc) three times: after the actor started (imports only), after the model was built and handed
+to DeepSpeed, and after two optimizer steps. Then it exports the trained model and checks that
+the export loads and equals what the ranks hold. Numbers in MiB and as multiples of the model's
+fp32 size; they depend on the machine, so this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_model(dest: Path, layers: int, hidden: int) -> int:
+    """A randomly initialised Llama saved with the builtin:tiny tokenizer; returns its parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kuberlhf_workers.base.builtin import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_mib(handle: Any) -> float:
+    """VmHWM of the actor's process (the most it has ever been resident), in MiB."""
+    import ray
+
+    def read(_: Any) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    return float(ray.get(handle.actor.__ray_call__.remote(read)))
+
+
+def run_stage(zero: int, model_dir: Path, work: Path) -> dict[str, Any]:
+    import ray
+    import torch
+
+    from kuberlhf.api import parse_job
+    from kuberlhf.seats import seats_for
+    from kuberlhf_workers.control.groups import start_group
+    from kuberlhf_workers.control.handles import OfflineTrainerHandle
+    from kuberlhf_workers.control.offline import OfflineDriver
+    from kuberlhf_workers.training.offline import OfflineTrainerWorker
+
+    data = work / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Count {i}:", "response": " 1 2 3 4 5 6"}) + "\n" for i in range(8))
+    )
+    job = parse_job(
+        {
+            "apiVersion": "kuberlhf.io/v1alpha1",
+            "kind": "RLHFJob",
+            "metadata": {"name": f"zero{zero}"},
+            "spec": {
+                "algorithm": "sft",
+                "model": {"actor": str(model_dir)},
+                "data": {"train": str(data)},
+                "actor": {"replicas": 2, "zeroStage": zero, "microBatchSize": 1, "globalBatchSize": 4},
+                "schedule": {"steps": 2},
+            },
+        }
+    )
+    driver = OfflineDriver(job, work, work / f"zero{zero}")
+    driver.load_data()
+    spec, plan = job.spec, driver.placements.plan
+    seats = seats_for(plan, spec, "actor")
+    actor = driver._actor_ref()
+    trainers = start_group(
+        OfflineTrainerWorker,
+        seats,
+        driver.placements,
+        lambda i: (spec, actor, actor, None, i, 0.0, 1, driver.pad_id),
+        lambda handle, i: OfflineTrainerHandle(handle, f"rank {i}"),
+    ).actors
+    driver.trainers = trainers
+    try:
+        ray.get([t.ready() for t in trainers])
+        started = [peak_mib(t) for t in trainers]
+        master = ray.get(trainers[0].master_address())
+        began = time.perf_counter()
+        ray.get([t.init_world(master) for t in trainers])
+        load_s = time.perf_counter() - began
+        loaded = [peak_mib(t) for t in trainers]
+        for step in range(2):
+            driver.train_step(step)
+        trained = [peak_mib(t) for t in trainers]
+        exported = driver.export()
+        from safetensors.torch import load_file
+
+        files = sorted(exported.glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(str(f)).items()}
+        # What the ranks hold (gathered: every rank is called), against what was written.
+        held = ray.get([t.actor.__ray_call__.remote(lambda self: self.rank.parameters()) for t in trainers])[
+            0
+        ]
+        equal = set(held) == set(weights) and all(torch.equal(held[k], weights[k]) for k in held)
+    finally:
+        for t in trainers:
+            t.kill()
+        driver.placements.remove()
+    return {
+        "zero_stage": zero,
+        "peak_mib_started": started,
+        "peak_mib_loaded": loaded,
+        "peak_mib_trained": trained,
+        "load_s": round(load_s, 1),
+        "exported_files": len(files),
+        "exported_tensors": len(weights),
+        "export_equals_ranks": equal,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "out" / time.strftime("zero-memory-%Y%m%d-%H%M%S")
+    )
+    args = parser.parse_args()
+    import ray
+
+    from kuberlhf_workers.control.driver import start_ray
+
+    with tempfile.TemporaryDirectory(prefix="zero-memory-") as tmp:
+        work = Path(tmp)
+        params = build_model(work / "model", args.layers, args.hidden)
+        fp32_mib = params * 4 / 2**20
+        from kuberlhf.api import parse_job
+
+        probe = parse_job(
+            {
+                "apiVersion": "kuberlhf.io/v1alpha1",
+                "kind": "RLHFJob",
+                "metadata": {"name": "p"},
+                "spec": {
+                    "algorithm": "sft",
+                    "model": {"actor": "m"},
+                    "data": {"train": "t.jsonl"},
+                    "actor": {"replicas": 2},
+                },
+            }
+        )
+        start_ray(probe.spec, "local")
+        try:
+            rows = [run_stage(zero, work / "model", work) for zero in (2, 3)]
+        finally:
+            ray.shutdown()
+    result = {"parameters": params, "fp32_mib": round(fp32_mib, 1), "stages": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"model: {params / 1e6:.0f}M parameters, {fp32_mib:.0f} MiB in fp32")
+    header = ("ZeRO", "rank", "after start", "after load", "load - start", "after 2 steps")
+    print("  ".join(f"{h:>{max(4, len(h))}}" for h in header))
+    for row in rows:
+        for rank in range(2):
+            started, loaded, trained = (
+                row[k][rank] for k in ("peak_mib_started", "peak_mib_loaded", "peak_mib_trained")
+            )
+            print(
+                f"{row['zero_stage']:>4}  {rank:>4}  {started:>11.0f}  {loaded:>10.0f}  "
+                f"{(loaded - started) / fp32_mib:>11.2f}x  {trained:>13.0f}"
+            )
+    print(f"results in {args.out / 'results.json'}")
+    print(
+        "export equals the trained weights: "
+        + ", ".join(f"ZeRO-{r['zero_stage']} {'yes' if r['export_equals_ranks'] else 'NO'}" for r in rows)
+    )
+    return 0 if all(r["export_equals_ranks"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
