@@ -407,6 +407,11 @@ class RLHFJobSpec(_Model):
         600, ge=0, le=2**31 - 1, description="Keep the finished RayCluster this long (KubeRay's int32)."
     )
     suspend: bool = Field(False, description="Stop the cluster; resuming continues from the checkpoint.")
+    termination_grace_period_seconds: int = Field(
+        300, ge=0, le=86400,
+        description="Each Ray pod's grace period: time to finish the step in flight and save it when the "
+        "pods are deleted (suspend, retry, preemption) before Kubernetes kills them.",
+    )
 
     def online_reward(self) -> RewardSpec:
         """spec.reward of an online algorithm, which the rules make present."""

@@ -134,6 +134,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(run.main(args))
 
 
+def cmd_wait_saved(args: argparse.Namespace) -> int:
+    from kuberlhf import shutdown
+
+    if shutdown.wait_saved(Path(args.output), args.timeout):
+        return 0
+    print(f"wait-saved: the driver writing to {args.output} had not saved after {args.timeout:.0f}s",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from kuberlhf_operator import main
 
@@ -197,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per step")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("wait-saved", help="a Ray pod's preStop hook: ask the driver to stop, wait until it "
+                       "has saved its checkpoint")
+    p.add_argument("--output", required=True, help="the run's output folder (on the checkpoint volume)")
+    p.add_argument("--timeout", type=float, required=True, help="give up after this many seconds")
+    p.set_defaults(func=cmd_wait_saved)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator")
     p.add_argument("--namespace", "-n", action="append", default=[],

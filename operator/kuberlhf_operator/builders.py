@@ -39,7 +39,7 @@ from kuberlhf_operator.pods import (
     SPEC_KEY,
     SPEC_PATH,
     check_checkpoint_path,
-    checkpoint_mount_path,
+    output_dir,
     ray_pod_template,
     submitter_pod_template,
 )
@@ -116,11 +116,9 @@ def build_pvc(job: RLHFJob, namespace: str) -> dict[str, Any] | None:
 
 
 def entrypoint(job: RLHFJob) -> str:
-    """The driver command. Its output folder is on the checkpoint volume, so a retried RayJob
-    (backoffLimit) resumes from the newest checkpoint instead of starting over."""
-    output = f"{checkpoint_mount_path(job)}/{job.metadata.name}"
+    """The driver command, writing to `pods.output_dir` (the checkpoint volume)."""
     return shlex.join(
-        ["kuberlhf", "run", SPEC_PATH, "--ray-address", "auto", "--output", output, "--quiet"]
+        ["kuberlhf", "run", SPEC_PATH, "--ray-address", "auto", "--output", output_dir(job), "--quiet"]
     )
 
 

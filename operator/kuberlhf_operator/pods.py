@@ -13,6 +13,7 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
+from kuberlhf import shutdown
 from kuberlhf.api import Resources, RLHFJob, SecretKeyRef, SpecError
 from kuberlhf_operator.names import checkpoint_claim, child_names, pod_labels
 from kuberlhf_operator.quantities import shm_size
@@ -39,6 +40,12 @@ def checkpoint_mount_path(job: RLHFJob) -> str:
     taken from /."""
     path = job.spec.checkpoint.path
     return posixpath.normpath(posixpath.join("/", DEFAULT_CHECKPOINT_MOUNT if path is None else path))
+
+
+def output_dir(job: RLHFJob) -> str:
+    """The run's output folder in the pods: on the checkpoint volume, so a retried RayJob resumes from
+    the newest checkpoint, and every Ray pod's preStop hook sees the driver's stop files."""
+    return f"{checkpoint_mount_path(job)}/{job.metadata.name}"
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -167,6 +174,16 @@ def _scheduling(job: RLHFJob) -> dict[str, Any]:
     return out
 
 
+def pre_stop_hook(job: RLHFJob) -> dict[str, Any]:
+    """Hold a terminating Ray pod until the driver has saved the step in flight (kuberlhf.shutdown).
+
+    Kubernetes runs preStop before it SIGTERMs the pod's `ray start --block`, whose SIGTERM kills the
+    actors on that node; KubeRay deletes every pod at once and sends nothing to the driver first."""
+    timeout = shutdown.hook_timeout_s(job.spec.termination_grace_period_seconds)
+    command = ["kuberlhf", "wait-saved", "--output", output_dir(job), "--timeout", str(timeout)]
+    return {"preStop": {"exec": {"command": command}}}
+
+
 def ray_pod_template(
     job: RLHFJob, namespace: str, role: str, resources: Resources, *, api_access: bool
 ) -> dict[str, Any]:
@@ -179,12 +196,14 @@ def ray_pod_template(
         "resources": container_resources(resources),
         "volumeMounts": volume_mounts(job),
         "securityContext": container_security_context(),
+        "lifecycle": pre_stop_hook(job),
     }
     return {
         "metadata": {"labels": pod_labels(job, role)},
         "spec": {
             "serviceAccountName": child_names(job).service_account,
             "automountServiceAccountToken": api_access,
+            "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
             "securityContext": pod_security_context(),
             "containers": [container],
             "volumes": volumes(job, resources.memory),
@@ -197,7 +216,8 @@ def submitter_pod_template(job: RLHFJob) -> dict[str, Any]:
     """The K8sJobMode submitter, given only so it meets the same security profile as the Ray pods
     (KubeRay's default one runs as the image's user with no security context). KubeRay fills in
     the `ray job submit` command; the entrypoint itself runs on the head, which mounts the spec, so
-    the submitter needs no volume and no API token."""
+    the submitter needs no volume and no API token. It keeps Kubernetes' default grace period and no
+    preStop hook: it only follows the driver's logs, and stopping it stops nothing in the job."""
     return {
         "metadata": {"labels": pod_labels(job, "submitter")},
         "spec": {

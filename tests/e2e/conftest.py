@@ -31,7 +31,7 @@ from kuberay_schema import kuberay_crd_file
 
 from kuberlhf_operator.kubeapi import KubeApi
 from tests.e2e.apiserver import write_kubeconfig
-from tests.e2e.entrypoint_runner import REPO, VENV_BIN, EntrypointRunner
+from tests.e2e.entrypoint_runner import CHECKOUT_PYTHONPATH, REPO, VENV_BIN, EntrypointRunner
 from tests.emulator.kuberay_standin import STANDIN_USER, KubeRayStandIn
 from tests.tools import require_kubectl
 
@@ -159,10 +159,16 @@ def chart_watch_arguments() -> list[str]:
     return [arg for arg in container["args"] if arg.startswith("--namespace=")]
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This process's environment with this checkout's packages first on PYTHONPATH: the venv's
+    `kuberlhf` may be an editable install of another checkout."""
+    return {**os.environ, "PYTHONPATH": CHECKOUT_PYTHONPATH, **extra}
+
+
 def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                stdin=subprocess.DEVNULL, env=checkout_env(**(env or {})),
                                 start_new_session=True)
 
 
@@ -184,7 +190,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         wait_until(cluster.admin_kubeconfig.exists, 10, "the admin kubeconfig")
         crd_file = work / "rlhfjob-crd.yaml"
         crd = subprocess.run([str(VENV_BIN / "kuberlhf"), "crd"], capture_output=True, text=True, check=True,
-                             timeout=60)
+                             timeout=60, env=checkout_env())
         crd_file.write_text(crd.stdout)
         cluster.kubectl("apply", "-f", str(crd_file))
         # KubeRay's CRDs are installed by KubeRay's own chart; `create`, as its docs advise: they are

@@ -6,13 +6,18 @@ pods exist, so the head pod is played by a local process group built from the Ra
   "/etc/kuberlhf/rlhfjob.yaml"), a PersistentVolumeClaim becomes one folder per claim that
   outlives restarts of the job (like the real volume); paths in the entrypoint are mapped;
 - its container env is set as written in the pod template, plus KUBECONFIG with a token of the
-  pod's ServiceAccount (what kubelet would project into the pod) and PYTHONPATH=<repo>/examples
-  (the worker image ships examples/ on its PYTHONPATH, so rewards/digits.py resolves there);
+  pod's ServiceAccount (what kubelet would project into the pod) and PYTHONPATH: <repo>/examples
+  (the worker image ships examples/ on its PYTHONPATH, so rewards/digits.py resolves there), then
+  this checkout's packages, so the run is this checkout's code whatever the venv's editable
+  install points at (CHECKOUT_PYTHONPATH);
 - `--ray-address auto` becomes `--ray-address local`: a private local Ray stands in for the
   cluster's head and worker pods (the same custom resources are declared on it).
-On `cancel` (suspend or deletion) the entrypoint gets SIGTERM, as Kubernetes sends to a pod's
-main process, then its whole process group SIGKILL after the grace period; every process that
-inherited the pod's marker is killed when the "pod" ends, so no Ray process outlives it.
+On `cancel` the pods are deleted as KubeRay deletes them, all at once, and terminated as kubelet
+does (`terminate`): every pod's preStop hook runs first (each pod of the RayJob, head and worker
+replicas, with the paths mapped), bounded by the pod's terminationGracePeriodSeconds; then every
+process of the "pod" (the driver, the local Ray's raylet, GCS and workers: what the cluster's
+pods run) gets SIGTERM at the same moment, and SIGKILL once the grace period is over. Every
+process that inherited the pod's marker is killed when the "pod" ends, so no Ray process outlives it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ Obj = dict[str, Any]
 MARKER_ENV = "KUBERLHF_E2E_POD"
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
+CHECKOUT_PYTHONPATH = os.pathsep.join(str(REPO / part) for part in ("", "operator", "workers"))
+DEFAULT_GRACE_S = 30  # Kubernetes' terminationGracePeriodSeconds when a pod sets none
+KUBELET_EXTRA_GRACE_S = 2  # what kubelet adds once when a preStop hook outlasts the grace period
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class HeadPod:
     service_account: str
     env: dict[str, str]
     mounts: dict[str, Obj]  # mountPath → the volume mounted there
+    grace_s: int
 
 
 def head_pod(rayjob: Obj) -> HeadPod:
@@ -53,7 +62,19 @@ def head_pod(rayjob: Obj) -> HeadPod:
         service_account=template.get("serviceAccountName", "default"),
         env={e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e},
         mounts={m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])},
+        grace_s=int(template.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)),
     )
+
+
+def pre_stop_hooks(rayjob: Obj) -> list[list[str]]:
+    """The preStop exec command of every pod of the RayCluster: the head and each worker replica."""
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]]
+    for group in cluster.get("workerGroupSpecs", []):
+        pods += [group["template"]] * int(group.get("replicas", 1))
+    hooks = [((pod["spec"]["containers"][0].get("lifecycle") or {}).get("preStop") or {}).get("exec")
+             for pod in pods]
+    return [list(hook["command"]) for hook in hooks if hook]
 
 
 def map_path(arg: str, mapping: dict[str, Path]) -> str:
@@ -81,8 +102,16 @@ class Attempt:
     argv: list[str]
     log: Path
     marker: str
+    grace_s: int
     returncode: int | None = None
     terminated: bool = False
+    # What the termination did, for the tests: the pids alive when the pods were deleted, the hooks'
+    # exit codes, the pids signalled at once, and seconds from deletion to the SIGTERM and to the end.
+    alive_at_deletion: list[int] = field(default_factory=list)
+    hook_returncodes: list[int] = field(default_factory=list)
+    sigterm_pids: list[int] = field(default_factory=list)
+    sigterm_after_s: float | None = None
+    ended_after_s: float | None = None
 
 
 @dataclass
@@ -92,7 +121,6 @@ class EntrypointRunner:
     workdir: Path
     credentials: Callable[[str, str], Path]  # (namespace, service account) → kubeconfig path
     extra_env: dict[str, str] = field(default_factory=dict)
-    grace_s: float = 60.0
     attempts: list[Attempt] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -128,12 +156,13 @@ class EntrypointRunner:
         env = {
             **os.environ, **pod.env, **self.extra_env,
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(REPO / "examples"),
+            "PYTHONPATH": os.pathsep.join([str(REPO / "examples"), CHECKOUT_PYTHONPATH]),
             "KUBECONFIG": str(self.credentials(namespace, pod.service_account)),
             MARKER_ENV: marker,
         }
         argv = local_argv(rayjob["spec"]["entrypoint"], mapping)
-        attempt = Attempt(meta["name"], pod.service_account, argv, pod_dir / "log.txt", marker)
+        attempt = Attempt(meta["name"], pod.service_account, argv, pod_dir / "log.txt", marker, pod.grace_s)
+        hooks = [local_argv(shlex.join(hook), mapping) for hook in pre_stop_hooks(rayjob)]
         with self._lock:
             self.attempts.append(attempt)
         with attempt.log.open("wb") as log:
@@ -142,13 +171,7 @@ class EntrypointRunner:
             try:
                 while proc.poll() is None:
                     if cancel.wait(0.2):
-                        attempt.terminated = True
-                        proc.send_signal(signal.SIGTERM)
-                        try:
-                            proc.wait(timeout=self.grace_s)
-                        except subprocess.TimeoutExpired:
-                            os.killpg(proc.pid, signal.SIGKILL)
-                            proc.wait(timeout=10)
+                        terminate(attempt, proc, hooks, env, pod_dir)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -157,6 +180,11 @@ class EntrypointRunner:
         attempt.returncode = proc.returncode
         return proc.returncode
 
+    @property
+    def grace_s(self) -> int:
+        """The longest grace period of the pods run so far: how long a termination may take."""
+        return max((a.grace_s for a in self.attempts), default=DEFAULT_GRACE_S)
+
     def wait_idle(self, timeout_s: float) -> None:
         """Wait for every attempt to end (they are cancelled by then); kill what is left after that."""
         deadline = time.monotonic() + timeout_s
@@ -164,6 +192,38 @@ class EntrypointRunner:
             time.sleep(0.1)
         for attempt in self.attempts:
             kill_marked(attempt.marker)
+
+
+def terminate(attempt: Attempt, proc: subprocess.Popen[bytes], hooks: list[list[str]], env: dict[str, str],
+              pod_dir: Path) -> None:
+    """Delete the pods as kubelet terminates them: the preStop hooks (run in the pods' environment, all
+    at once as every pod is deleted at once) to completion or the grace period (+2 s), then SIGTERM to
+    every process of the pods at the same moment, then SIGKILL when the grace period is over."""
+    started = time.monotonic()
+    deadline = started + attempt.grace_s
+    attempt.terminated = True
+    attempt.alive_at_deletion = marked_processes(attempt.marker)
+    with (pod_dir / "prestop.txt").open("ab") as log:
+        running = [subprocess.Popen(hook, env=env, cwd=pod_dir, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True) for hook in hooks]
+        for hook in running:
+            try:
+                hook.wait(timeout=max(deadline + KUBELET_EXTRA_GRACE_S - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                os.killpg(hook.pid, signal.SIGKILL)
+                hook.wait(timeout=10)
+            attempt.hook_returncodes.append(hook.returncode)
+    attempt.sigterm_after_s = time.monotonic() - started
+    attempt.sigterm_pids = marked_processes(attempt.marker)
+    for pid in attempt.sigterm_pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), KUBELET_EXTRA_GRACE_S))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    attempt.ended_after_s = time.monotonic() - started
 
 
 def marked_processes(marker: str) -> list[int]:

@@ -1,6 +1,8 @@
 """End to end: `kubectl apply` an RLHFJob → the operator → a RayJob → (KubeRay TEST STAND-IN) a real
-training run → progress in `kubectl get rlhfjobs` → suspend, resume from the checkpoint → a
-trained model on the checkpoint volume → `kubectl delete` removes everything the job owned.
+training run → progress in `kubectl get rlhfjobs` → suspend mid-run (every pod deleted at once, as
+KubeRay does: preStop hooks, then SIGTERM to every process) and resume from the checkpoint saved
+on suspension → a trained model on the checkpoint volume → `kubectl delete` removes everything
+the job owned.
 
 Real: the API emulator process (RBAC enforced), kubectl, the Helm-rendered RBAC, the operator
 process, the training program (local Ray, DeepSpeed on gloo). Stand-ins: the API server itself
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,35 +71,58 @@ def test_rlhfjob_trains_suspends_resumes_and_is_cleaned_up_with_least_privilege(
 ) -> None:
     spec = yaml.safe_load(EXAMPLE.read_text())
     name, total = spec["metadata"]["name"], spec["spec"]["schedule"]["steps"]
-    every = spec["spec"]["checkpoint"]["everySteps"]
-    assert total > every, "the example must checkpoint before its last step for the resume check"
+    # No periodic checkpoint before the last step: a checkpoint at the suspension can only come from
+    # the stop path (the pods' preStop hooks → the driver finishes its step and saves).
+    spec["spec"]["checkpoint"]["everySteps"] = total
+    applied = tmp_path / "rlhfjob.yaml"
+    applied.write_text(yaml.safe_dump(spec))
 
     with Transcript(lambda: cluster.kubectl("get", "rlhfjobs", "-n", NAMESPACE, timeout_s=30)) as transcript:
         try:
-            cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
+            cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(applied))
             wait_until(lambda: runner.attempts, START_TIMEOUT_S, "the stand-in to start the entrypoint")
             [first] = runner.attempts
             output = Path(first.argv[first.argv.index("--output") + 1])
             assert output.is_relative_to(runner.workdir / "volumes"), "--output is not on the volume"
             checkpoint_path = spec["spec"]["checkpoint"]["path"]
 
-            # Train until the first checkpoint is published, then suspend.
+            # Train a step or two, then suspend mid-run: KubeRay deletes every pod at once.
 
-            def first_checkpoint() -> Path | None:
+            def training() -> list[int]:
                 assert first.returncode is None, f"the driver exited early:\n{first.log.read_text()[-3000:]}"
-                return latest_checkpoint(output, checkpoint_path)
+                return metric_steps(output)
 
-            wait_until(first_checkpoint, START_TIMEOUT_S, f"the first checkpoint ({first.log})", every_s=0.5)
+            wait_until(training, START_TIMEOUT_S, f"the first step ({first.log})", every_s=0.5)
+            seen = max(metric_steps(output))
+            suspended_at = time.monotonic()
             cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type", "merge",
                             "-p", '{"spec":{"suspend":true}}')
             wait_until(lambda: job_status(cluster, name).get("phase") == "Suspended", 60, "phase Suspended",
                        every_s=0.5)
-            wait_until(lambda: first.returncode is not None, runner.grace_s + 10, "the suspended run to end")
-            assert first.terminated, "suspending must stop the running entrypoint (SIGTERM)"
+            wait_until(lambda: first.returncode is not None, first.grace_s + 10, "the suspended run to end")
+            suspend_s = time.monotonic() - suspended_at
+            assert first.terminated, "suspending must delete the running pods"
+            # The pods were alive when deleted (the driver and its Ray), every pod's preStop hook ran and
+            # returned once the driver had saved, and only then did every process get SIGTERM at once.
+            assert len(first.alive_at_deletion) >= 3, first.alive_at_deletion
+            assert first.hook_returncodes and set(first.hook_returncodes) == {0}, \
+                f"{first.hook_returncodes}\n{first.log.read_text()[-3000:]}"
+            assert first.sigterm_after_s is not None and first.sigterm_after_s < first.grace_s
             resumed_from = latest_checkpoint(output, checkpoint_path)
-            assert resumed_from is not None
+            assert resumed_from is not None, \
+                f"nothing was saved on suspension:\n{first.log.read_text()[-3000:]}"
             steps_before = metric_steps(output)
-            assert steps_before and max(steps_before) < total, f"suspended too late: {steps_before}"
+            checkpoint_step = int(resumed_from.name.split("-")[1])
+            # At most the step in flight is lost: here not even that, since the driver finished it.
+            assert checkpoint_step == max(steps_before) >= seen and checkpoint_step < total, \
+                f"saved {resumed_from.name}, trained {steps_before}, seen {seen} at the suspension"
+            stopped = json.loads((output / "stopped").read_text())
+            assert Path(stopped["checkpoint"]).name == resumed_from.name
+            print(f"\nsuspend at step {seen}: saved {resumed_from.name}; the hooks held the pods "
+                  f"{first.sigterm_after_s:.1f}s, the pods were gone {first.ended_after_s:.1f}s after "
+                  "deletion; "
+                  f"suspend → run ended {suspend_s:.1f}s; SIGTERM to {len(first.sigterm_pids)} of "
+                  f"{len(first.alive_at_deletion)} processes")
 
             cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type", "merge",
                             "-p", '{"spec":{"suspend":false}}')
@@ -134,10 +160,9 @@ def test_rlhfjob_trains_suspends_resumes_and_is_cleaned_up_with_least_privilege(
     assert any(row["REWARD"] for row in transcript.rows if row["PHASE"] == "Running"), text
     assert status["progress"]["step"] == total and "rewardMean" in status["progress"]
 
-    # Training resumed from the checkpoint, not from zero.
+    # Training resumed from the checkpoint saved on suspension, not from zero.
     steps = metric_steps(output)
     restart = len(steps_before)
-    checkpoint_step = int(resumed_from.name.split("-")[1])
     assert steps[restart] == checkpoint_step + 1 > 1, steps
     assert steps[restart:] == list(range(checkpoint_step + 1, total + 1)), steps
 

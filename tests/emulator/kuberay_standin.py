@@ -1,19 +1,32 @@
-"""TEST STAND-IN for the KubeRay controller (not KubeRay): moves RayJobs through KubeRay's states.
+"""TEST STAND-IN for the KubeRay controller (not KubeRay): moves RayJobs through KubeRay 1.7's states.
 
 No KubeRay can run here (no cluster, no pods), so this small controller plays its part
-against the API emulator, through the API like the real one: it watches RayJobs, creates
-the RayCluster `<rayjob>-<5 chars>` owned by the RayJob (labels copied, as KubeRay does),
-marks it ready (state ready + HeadPodReady / RayClusterProvisioned), and walks
-jobDeploymentStatus Initializing → Running → Complete / Failed, with Retrying up to
-spec.backoffLimit and Suspending → Suspended (cluster deleted) when spec.suspend is set.
+against the API emulator, through the API like the real one (ray-operator's rayjob_controller.go):
+- New ("") names the RayCluster `<rayjob>-<5 chars>` and the Ray job, and starts the clock of
+  activeDeadlineSeconds; Initializing creates the RayCluster owned by the RayJob (labels copied),
+  marks it ready (state ready + HeadPodReady / RayClusterProvisioned), then Running.
+- A driver exit ends Running: Complete, or Failed and Retrying while `failed < backoffLimit`.
+  Retrying deletes the cluster, then goes through New again (a new cluster, a new Ray job).
+- spec.suspend (from Initializing or Running) → Suspending: the RayCluster is deleted, so every
+  pod of it is deleted at once; once the RayCluster object is gone (not its pods, which may still
+  be in their grace period) the status is reset (jobStatus "", rayClusterName "", jobId "") and
+  Suspended. suspend: false → New → Initializing.
+- activeDeadlineSeconds past startTime → Failed with reason DeadlineExceeded, never retried.
+- Complete / Failed with shutdownAfterJobFinishes: the RayCluster (not the RayJob) is deleted
+  ttlSecondsAfterFinished after endTime.
+Not modelled: the submitter Job (K8sJobMode) as an object, HTTPMode / InteractiveMode, cron
+schedules, deletionStrategy, GCS fault tolerance.
 
-What "runs the entrypoint" is pluggable: `runner(rayjob, configmap, cancel) -> returncode`
-runs in its own thread; `cancel` (a threading.Event) is set on suspend or deletion. The
-default runner just waits `job_duration_s` and returns 0.
+What the pods do is pluggable: `runner(rayjob, configmap, cancel) -> returncode` runs in its own
+thread; `cancel` (a threading.Event) is set when the pods are deleted (suspend, retry, TTL, the
+RayJob's deletion). The default runner just waits `job_duration_s` and returns 0;
+tests/e2e/entrypoint_runner.py runs the entrypoint for real and terminates its "pods" as kubelet
+would (preStop hooks, then SIGTERM to every process at once, SIGKILL after the grace period).
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import queue
@@ -45,6 +58,10 @@ def sleep_runner(duration_s: float = 0.5, returncode: int = 0) -> Runner:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _epoch(timestamp: str) -> float:
+    return calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 @dataclass
@@ -140,9 +157,8 @@ class KubeRayStandIn:
             if exc.status != 404:
                 raise
 
-    def _create_cluster(self, rayjob: Obj) -> _Run:
+    def _create_cluster(self, rayjob: Obj, name: str) -> _Run:
         meta = rayjob["metadata"]
-        name = f"{meta['name']}-{secrets.token_hex(3)[:5]}"
         labels = {**(meta.get("labels") or {}), "ray.io/originated-from-crd": "RayJob",
                   "ray.io/originated-from-cr-name": meta["name"]}
         owner = {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": meta["name"], "uid": meta["uid"],
@@ -187,7 +203,32 @@ class KubeRayStandIn:
                 g.get("replicas", 0) for g in cluster["spec"].get("workerGroupSpecs", [])),
             "observedGeneration": cluster["metadata"].get("generation", 1)}})
 
+    def _deadline_passed(self, spec: Obj, status: Obj) -> bool:
+        deadline = spec.get("activeDeadlineSeconds")
+        started = status.get("startTime")
+        return deadline is not None and started is not None and time.time() >= _epoch(started) + deadline
+
+    def _ttl_passed(self, spec: Obj, status: Obj) -> bool:
+        ended = status.get("endTime")
+        return ended is not None and time.time() >= _epoch(ended) + spec.get("ttlSecondsAfterFinished", 0)
+
+    def _finish(self, rayjob: Obj, run: _Run) -> None:
+        """Running → Complete, or Failed and then Retrying while the backoff limit allows."""
+        spec, status = rayjob["spec"], rayjob.get("status") or {}
+        failed = status.get("failed", 0)
+        if run.returncode == 0:
+            self._patch_status(rayjob, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+                                        "endTime": _now(), "succeeded": 1})
+        elif failed < spec.get("backoffLimit", 0):
+            self._patch_status(rayjob, {"jobDeploymentStatus": "Retrying", "failed": failed + 1,
+                                        "jobStatus": "FAILED", "reason": "AppFailed"})
+        else:
+            self._patch_status(rayjob, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
+                                        "reason": "AppFailed", "endTime": _now(), "failed": failed + 1,
+                                        "message": f"the driver exited with code {run.returncode}"})
+
     def reconcile(self, namespace: str, name: str) -> None:
+        """One pass of KubeRay 1.7's RayJob state machine ("" is its New)."""
         key = (namespace, name)
         rayjob = self.api.get(object_path("ray.io/v1", "RayJob", namespace, name))
         run = self.runs.get(key)
@@ -199,44 +240,47 @@ class KubeRayStandIn:
         spec, status = rayjob.get("spec") or {}, rayjob.get("status") or {}
         state = status.get("jobDeploymentStatus") or ""
         if state in ("Complete", "Failed"):
-            return
-        if spec.get("suspend"):
-            if state in ("", "Suspended"):
-                if state == "":
-                    self._patch_status(rayjob, {"jobDeploymentStatus": "Suspended"})
-                return
-            if state != "Suspending":
-                self._patch_status(rayjob, {"jobDeploymentStatus": "Suspending"})
-                return
-            self._delete_cluster(namespace, self.runs.pop(key, None))
-            self._patch_status(rayjob, {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED",
-                                        "rayClusterName": None})
-            return
-        if state in ("", "Suspended", "Retrying") or run is None:
-            if run is not None:
+            # shutdownAfterJobFinishes: the RayCluster (not the RayJob) goes ttlSecondsAfterFinished later.
+            if run is not None and spec.get("shutdownAfterJobFinishes") and self._ttl_passed(spec, status):
                 self._delete_cluster(namespace, self.runs.pop(key))
-            run = self.runs[key] = self._create_cluster(rayjob)
-            self._patch_status(rayjob, {"jobDeploymentStatus": "Initializing", "rayClusterName": run.cluster,
-                                        "jobId": f"{name}-{secrets.token_hex(4)}", "jobStatus": None,
-                                        "startTime": status.get("startTime") or _now(),
-                                        "dashboardURL": f"{run.cluster}-head-svc.{namespace}.svc:8265"})
+            return
+        if state == "":  # New: name the cluster and the Ray job first, and start the deadline's clock
+            self._patch_status(rayjob, {
+                "jobDeploymentStatus": "Initializing", "rayClusterName": f"{name}-{secrets.token_hex(3)[:5]}",
+                "jobId": f"{name}-{secrets.token_hex(4)}", "jobStatus": "", "startTime": _now()})
+            return
+        if state == "Suspended":
+            if not spec.get("suspend"):
+                self._patch_status(rayjob, {"jobDeploymentStatus": "", "jobStatus": ""})
+            return
+        if state in ("Suspending", "Retrying"):
+            # Every pod of the cluster is deleted at once (the runner's cancel); the status moves on once
+            # the RayCluster object is gone, not its pods, which may still be in their grace period.
+            self._delete_cluster(namespace, self.runs.pop(key, None))
+            cluster = status.get("rayClusterName") or "-"
+            if self.api.get(object_path("ray.io/v1", "RayCluster", namespace, cluster)) is not None:
+                return
+            self._patch_status(rayjob, {
+                "jobDeploymentStatus": "Suspended" if state == "Suspending" else "", "jobStatus": "",
+                "rayClusterName": "", "dashboardURL": "", "jobId": "", "message": "", "reason": ""})
+            return
+        if spec.get("suspend"):  # only Initializing and Running may suspend
+            self._patch_status(rayjob, {"jobDeploymentStatus": "Suspending"})
+            return
+        if self._deadline_passed(spec, status):  # Failed, never retried; the cluster lives until the TTL
+            self._patch_status(rayjob, {
+                "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "endTime": _now(),
+                "failed": status.get("failed", 0) + 1,
+                "message": f"The RayJob has passed activeDeadlineSeconds ({spec['activeDeadlineSeconds']}s)"})
             return
         if state == "Initializing":
+            if run is None:
+                run = self.runs[key] = self._create_cluster(rayjob, status["rayClusterName"])
             if time.monotonic() >= run.ready_at:
                 self._mark_cluster_ready(namespace, run)
-                self._patch_status(rayjob, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"})
+                self._patch_status(rayjob, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+                                            "dashboardURL": f"{run.cluster}-head-svc.{namespace}.svc:8265"})
                 self._start_runner(rayjob, run)
             return
-        if state == "Running" and run.returncode is not None:
-            failed = status.get("failed", 0)
-            if run.returncode == 0:
-                self._patch_status(rayjob, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
-                                            "endTime": _now(), "succeeded": 1})
-            elif failed < spec.get("backoffLimit", 0):
-                self._patch_status(rayjob, {"jobDeploymentStatus": "Retrying", "failed": failed + 1})
-            else:
-                self._patch_status(rayjob, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
-                                            "endTime": _now(), "failed": failed + 1,
-                                            "message": f"the driver exited with code {run.returncode}"})
-            if run.returncode == 0 or failed >= spec.get("backoffLimit", 0):
-                self.runs.pop(key, None)
+        if state == "Running" and run is not None and run.returncode is not None:
+            self._finish(rayjob, run)

@@ -150,6 +150,27 @@ def test_lifecycle_fields_follow_the_spec() -> None:
     assert (spec["backoffLimit"], spec["ttlSecondsAfterFinished"], spec["suspend"]) == (5, 30, True)
 
 
+def test_every_ray_pod_holds_its_termination_until_the_driver_has_saved() -> None:
+    """KubeRay deletes every pod at once: each Ray pod's preStop waits for the driver's checkpoint on
+    the shared volume, bounded by the pod's grace period less the margin for `ray stop`."""
+    rj = rayjob(with_spec(example("tiny-grpo"), terminationGracePeriodSeconds=120))
+    templates = pod_templates(rj)
+    for template in templates[:-1]:
+        assert template["spec"]["terminationGracePeriodSeconds"] == 120
+        assert template["spec"]["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": [
+            "kuberlhf", "wait-saved", "--output", "/checkpoints/tiny-grpo", "--timeout", "110"]}}}
+    submitter = templates[-1]["spec"]
+    assert "terminationGracePeriodSeconds" not in submitter and "lifecycle" not in submitter["containers"][0]
+
+
+def test_the_grace_period_defaults_to_five_minutes_and_a_zero_one_waits_for_nothing() -> None:
+    default = pod_templates(rayjob(example("tiny-grpo")))[0]["spec"]
+    assert default["terminationGracePeriodSeconds"] == 300
+    assert default["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "290"
+    zero = pod_templates(rayjob(with_spec(example("tiny-grpo"), terminationGracePeriodSeconds=0)))[1]["spec"]
+    assert zero["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "0"
+
+
 def test_a_relative_checkpoint_path_is_rooted_in_the_pods() -> None:
     rj = rayjob(example("tiny-grpo"))
     assert "--output /checkpoints/tiny-grpo " in rj["spec"]["entrypoint"]

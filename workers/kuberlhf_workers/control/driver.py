@@ -101,6 +101,9 @@ class Driver:
         # Ray installs its own SIGTERM handler in ray.init; this hook lets the caller put its own
         # back afterwards (a pod's SIGTERM must checkpoint, not kill).
         self.on_ray_started = on_ray_started
+        # Called once the run's last checkpoint is published, before the actors go: terminating pods
+        # wait for exactly that moment (kuberlhf.shutdown) before Kubernetes SIGTERMs them.
+        self.on_stopped: Callable[[], None] | None = None
         self.callbacks = list(callbacks)
         self.ckpt_root = ckpt.resolve_root(self.spec.checkpoint.path, output_dir)
         self.identity = ckpt.job_identity(job)
@@ -408,6 +411,8 @@ class Driver:
                      f"writing the final model to {final}", "check that the output folder is writable")
             return Outcome("completed", step, self.total_steps, self.last_checkpoint, history, str(final))
         finally:
+            if self.on_stopped is not None:
+                self.on_stopped()
             self.release()
             if started_ray:
                 ray.shutdown()

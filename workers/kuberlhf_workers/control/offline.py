@@ -51,6 +51,7 @@ class OfflineDriver:
         self.max_steps, self.ray_address, self.resume = max_steps, ray_address, resume
         self.callbacks = list(callbacks)
         self.on_ray_started = on_ray_started
+        self.on_stopped: Callable[[], None] | None = None  # as Driver's: the checkpoint is published
         self.ckpt_root = ckpt.resolve_root(self.spec.checkpoint.path, output_dir)
         self.identity = ckpt.job_identity(job)
         self.step_timeout = self.spec.schedule.step_timeout_seconds
@@ -267,6 +268,8 @@ class OfflineDriver:
                 return Outcome("completed", step, self.total_steps, self.last_checkpoint, history, str(final))
             return Outcome("interrupted", step, self.total_steps, self.last_checkpoint, history)
         finally:
+            if self.on_stopped is not None:
+                self.on_stopped()
             for trainer in self.trainers:
                 trainer.kill()
             self.placements.remove()

@@ -3,7 +3,8 @@
 Exit codes: 0 when every step is trained (or a checkpoint says they already were, which is
 said out loud), 1 for a bad spec, 3 when training failed part-way (a trainer died, a worker
 or the reward timed out: rerunning resumes from the last checkpoint, which is what a RayJob's
-retry does), 130 when Ctrl-C stopped the run (after a checkpoint).
+retry does), 130 when Ctrl-C, SIGTERM or a terminating pod (kuberlhf.shutdown) stopped the run
+after a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kuberlhf import api, jobrefs
+from kuberlhf import api, jobrefs, shutdown
 from kuberlhf.specfile import load_job
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ class Program(Protocol):
     """What `kuberlhf run` needs of a controller program (the RL driver, the offline one)."""
 
     on_ray_started: Callable[[], None] | None
+    on_stopped: Callable[[], None] | None
+    last_checkpoint: str | None
 
     def __init__(
         self,
@@ -139,10 +142,29 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
 
+    def pod_terminating() -> None:
+        print("a pod of this job is terminating: stopping after this step (a checkpoint will be saved)",
+              file=sys.stderr, flush=True)
+        driver.request_stop()
+
+    # In a RayJob the pods' preStop hooks ask for the stop and wait for the checkpoint (kuberlhf.shutdown).
+    lease = shutdown.RunLease(out, job.spec.termination_grace_period_seconds, pod_terminating)
+
+    def stopped() -> None:
+        lease.release(driver.last_checkpoint)
+        # The checkpoint is published and the hooks let the pods go: their SIGTERM may now end this
+        # process at once, as it ends every other process of the pod.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     driver.on_ray_started = catch_stop_signals
+    driver.on_stopped = stopped
     previous = signal.signal(signal.SIGINT, stop)
     previous_term = signal.signal(signal.SIGTERM, stop)
     try:
+        if lease.previous_driver_deadline() is not None:
+            print(f"{job.metadata.name}: waiting for the previous run's driver to save its checkpoint",
+                  file=sys.stderr, flush=True)
+        lease.acquire()
         outcome = driver.run()
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
@@ -151,6 +173,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         print(f"{job.metadata.name}: training failed: {exc}", file=sys.stderr, flush=True)
         return TRAINING_FAILED
     finally:
+        lease.release(driver.last_checkpoint)
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         tensorboard.close()
