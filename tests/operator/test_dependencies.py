@@ -68,8 +68,9 @@ def test_a_later_stage_applied_with_its_dependency_waits_then_runs_after_it(
         wait_for(lambda: job_status(cluster, "sft").get("phase") == "Succeeded", timeout=30, what="sft done")
         wait_for(lambda: job_status(cluster, "rm").get("phase") == "Succeeded", timeout=30, what="rm done")
         assert condition(job_status(cluster, "rm"), "DependenciesReady")["status"] == "True"
-        reasons = {e["reason"] for e in events_for(cluster, "rm")}
-        assert {"WaitingForDependency", "Launching", "Succeeded"} <= reasons
+        # Events are posted after the status patch they report: wait for them, do not race them.
+        wait_for(lambda: {"WaitingForDependency", "Launching", "Succeeded"}
+                 <= {e["reason"] for e in events_for(cluster, "rm")}, what="rm's events")
 
 
 def test_a_job_whose_dependency_fails_or_is_missing_fails_naming_it(
@@ -86,5 +87,5 @@ def test_a_job_whose_dependency_fails_or_is_missing_fails_naming_it(
         status = job_status(cluster, "rm")
         assert condition(status, "DependenciesReady")["reason"] == "DependencyFailed"
         assert cluster.get("ray.io", "rayjobs", "default", "rm-ray") is None
-        warnings = [e["reason"] for e in events_for(cluster, "rm") if e["type"] == "Warning"]
-        assert "DependencyFailed" in warnings
+        wait_for(lambda: "DependencyFailed" in
+                 [e["reason"] for e in events_for(cluster, "rm") if e["type"] == "Warning"], what="a Warning")
