@@ -115,6 +115,7 @@ def run_stage(zero: int, model_dir: Path, work: Path) -> dict[str, Any]:
         ray.get([t.init_world(master) for t in trainers])
         load_s = time.perf_counter() - began
         loaded = [peak_mib(t) for t in trainers]
+        joining = ray.get([t.actor.__ray_call__.remote(lambda self: self.rank.memory_mib) for t in trainers])
         for step in range(2):
             driver.train_step(step)
         trained = [peak_mib(t) for t in trainers]
@@ -137,6 +138,7 @@ def run_stage(zero: int, model_dir: Path, work: Path) -> dict[str, Any]:
         "peak_mib_started": started,
         "peak_mib_loaded": loaded,
         "peak_mib_trained": trained,
+        "anon_mib_while_joining": joining,
         "load_s": round(load_s, 1),
         "exported_files": len(files),
         "exported_tensors": len(weights),
@@ -188,6 +190,10 @@ def main() -> int:
     print(f"model: {params / 1e6:.0f}M parameters, {fp32_mib:.0f} MiB in fp32")
     header = ("ZeRO", "rank", "after start", "after load", "load - start", "after 2 steps")
     print("  ".join(f"{h:>{max(4, len(h))}}" for h in header))
+    print("anonymous resident memory held by the model itself (after build - before build), per rank:")
+    for row in rows:
+        held = [m["after_build"] - m["before_build"] for m in row["anon_mib_while_joining"]]
+        print(f"  ZeRO-{row['zero_stage']}: " + ", ".join(f"{h:.0f} MiB ({h / fp32_mib:.2f}x)" for h in held))
     for row in rows:
         for rank in range(2):
             started, loaded, trained = (

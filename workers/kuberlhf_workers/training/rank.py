@@ -37,6 +37,7 @@ class DeepSpeedRank:
     def __init__(self, tag: str, trainer: TrainerSpec, layout: Layout, rank: int, device: torch.device):
         self.tag, self.trainer, self.layout, self.rank, self.device = tag, trainer, layout, rank, device
         self._model: Any = None  # the DeepSpeed-wrapped model once joined
+        self.memory_mib: dict[str, float] = {}  # resident memory while joining (bench/zero_memory.py)
         self.sender: WeightTransport | None = None
 
     @property
@@ -75,13 +76,19 @@ class DeepSpeedRank:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
             sharded = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
+        self.memory_mib = {"before_build": resident_mib()}
         model = build()
+        self.memory_mib["after_build"] = resident_mib()
         if self.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()  # type: ignore[operator]
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if isinstance(hidden, int):
+            config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda", hidden)
         self._model, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config
         )
         del sharded
+        self.memory_mib["after_initialize"] = resident_mib()
 
     def gathered(self, params: list[torch.nn.Parameter]) -> Any:
         """Full tensors inside the block under ZeRO-3 (a no-op otherwise); collective."""
@@ -177,6 +184,15 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB (anonymous pages only: a memory-mapped
+    checkpoint being read is page cache, not memory the rank holds)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _name_shards(out: Path, files: list[list[str]], total_bytes: int) -> None:
