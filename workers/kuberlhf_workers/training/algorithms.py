@@ -235,6 +235,36 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {aggregation!r}")
 
 
+Correction = Literal["off", "token-clip", "token-mask", "sequence-mask"]
+PolicyLevel = Literal["token", "sequence"]
+
+
+def rollout_correction(
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    mask: torch.Tensor,
+    correction: Correction,
+    bounds: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights for the trainer / inference mismatch, from the importance ratio
+    π_train(old) / π_rollout of each sampled token: token-clip clamps it into `bounds` (truncated
+    IS), token-mask keeps it only inside them (ICEPOP), sequence-mask keeps a whole completion
+    only when its geometric-mean ratio is inside them. Returns (weights, filtered units)."""
+    low, high = bounds
+    log_ratio = (old_logp - rollout_logp).detach()
+    token_ratio = log_ratio.exp()
+    if correction == "token-clip":
+        return token_ratio.clamp(low, high), (token_ratio < low) | (token_ratio > high)
+    if correction == "token-mask":
+        keep = (token_ratio >= low) & (token_ratio <= high)
+    elif correction == "sequence-mask":
+        sequence_ratio = masked_mean(log_ratio, mask, dim=1).exp().unsqueeze(-1)
+        keep = (sequence_ratio >= low) & (sequence_ratio <= high)
+    else:
+        raise ValueError(f"spec.loss.rolloutCorrection.mode: unknown correction {correction!r}")
+    return torch.where(keep, token_ratio, torch.zeros_like(token_ratio)), ~keep
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -244,20 +274,56 @@ def policy_loss(
     clip_high: float,
     aggregation: Aggregation = "token-mean",
     norm_len: int | None = None,
+    *,
+    dual_clip: float | None = None,
+    level: PolicyLevel = "token",
+    rollout_logp: torch.Tensor | None = None,
+    correction: Correction = "off",
+    correction_bounds: tuple[float, float] = (0.5, 5.0),
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate (negated, to minimise), with asymmetric clip ranges (DAPO's clip-higher)."""
+    """PPO's clipped surrogate (negated, to minimise), with asymmetric clip ranges (DAPO's
+    clip-higher) and these options:
+
+    - `dual_clip` c > 1 (Ye et al. 2020): for negative advantages the loss is bounded by -c·A, so
+      one token whose ratio exploded cannot dominate the step;
+    - `level="sequence"` (GSPO): one length-normalised ratio per completion,
+      exp(mean_t(logp - old_logp)), clipped as a whole; GSPO averages per sequence, so the
+      aggregation is seq-mean-token-mean whatever `aggregation` says;
+    - `correction` with `rollout_logp` (the engine's log-probs of the sampled tokens): token-level
+      PPO weighs each token by `rollout_correction`; GSPO instead takes its ratio against the
+      rollout log-probs, since they are what sampled the sequence.
+    """
     mask = mask.to(logp.dtype)
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+    corrected = correction != "off"
+    if corrected and rollout_logp is None:
+        raise ValueError("spec.loss.rolloutCorrection: the correction needs the rollout's log-probs")
+    raw_log_ratio = logp - old_logp
+    if level == "sequence":
+        base = rollout_logp if corrected and rollout_logp is not None else old_logp
+        ratio = (masked_mean(logp - base, mask, dim=1).exp().unsqueeze(-1)) * mask
+        aggregation = "seq-mean-token-mean"
+    else:
+        ratio = raw_log_ratio.clamp(-20.0, 20.0).exp()
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    surrogate = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"spec.loss.dualClip: must be above 1, got {dual_clip}")
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    per_token = -surrogate
+    metrics: dict[str, float] = {}
+    if corrected and level == "token" and rollout_logp is not None:
+        weights, filtered = rollout_correction(old_logp, rollout_logp, mask, correction, correction_bounds)
+        per_token = weights * per_token
+        per_sequence = correction == "sequence-mask"
+        share = filtered.float().mean() if per_sequence else masked_mean(filtered.to(mask), mask)
+        metrics["rollout_filtered"] = float(share)
+        metrics["rollout_kl"] = float(masked_mean(rollout_logp - old_logp, mask))
     loss = aggregate(per_token, mask, aggregation, norm_len)
     with torch.no_grad():
-        metrics = {
-            "clip_fraction": float(masked_mean((clipped < unclipped).to(logp.dtype), mask)),
-            "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask)),
-        }
+        metrics["clip_fraction"] = float(masked_mean((clipped < unclipped).to(logp.dtype), mask))
+        metrics["approx_kl"] = float(masked_mean(0.5 * raw_log_ratio**2, mask))
     return loss, metrics
 
 
