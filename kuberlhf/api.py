@@ -296,8 +296,33 @@ class KLSpec(_Model):
     )
 
 
+class RolloutCorrectionSpec(_Model):
+    """Correcting the trainer / inference mismatch: the rollout engine's log-probs of the sampled
+    tokens differ from the trainer's (other kernels, other precision, a stale engine)."""
+
+    mode: Literal["off", "token-clip", "token-mask", "sequence-mask"] = Field(
+        "off", description="off; token-clip: weigh each token by its importance ratio π_train/π_rollout "
+        "clamped into [low, high] (truncated IS); token-mask: drop tokens whose ratio leaves [low, high] "
+        "(ICEPOP); sequence-mask: drop completions whose geometric-mean ratio leaves it.",
+    )
+    low: float = Field(0.5, gt=0, le=1, description="Lower bound of the importance ratio.")
+    high: float = Field(5.0, ge=1, le=100, description="Upper bound of the importance ratio.")
+
+
 class LossSpec(_Model):
     """Policy / value objective knobs."""
+
+    policy_loss_type: Literal["ppo", "gspo"] = Field(
+        "ppo", description="ppo: per-token ratios; gspo: one length-normalised ratio per completion "
+        "(GSPO, clipped with clipRange around it; GSPO's paper uses clip ranges near 3e-4).",
+    )
+    dual_clip: float | None = Field(
+        None, gt=1, le=100, description="Dual-clip PPO: bound the loss of negative-advantage tokens by "
+        "dualClip times the advantage (unset: off).",
+    )
+    rollout_correction: RolloutCorrectionSpec = Field(
+        default_factory=RolloutCorrectionSpec, description="Trainer / rollout log-prob mismatch correction."
+    )
 
     clip_range: float = Field(0.2, gt=0, le=1, description="PPO ratio clip epsilon.")
     clip_range_high: float | None = Field(

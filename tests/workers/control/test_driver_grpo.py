@@ -16,7 +16,6 @@ from kuberlhf_workers.control.metrics import REQUIRED_KEYS, JsonlWriter
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-
 def test_grpo_raises_the_mean_reward_and_reports_every_step(
     ray_session, tiny_model_dir: Path, tmp_path: Path
 ):
@@ -108,3 +107,33 @@ def test_async_grpo_stopped_and_resumed_ends_exactly_like_an_unbroken_run(async_
     final_b = load_file(str(Path(resumed.last_checkpoint) / "model" / "model.safetensors"))
     for name, tensor in final_a.items():
         assert torch.allclose(final_b[name], tensor, atol=1e-5), f"{name} differs after resume"
+
+
+@pytest.mark.parametrize(
+    ("loss", "learns"),
+    [
+        ({"dualClip": 3.0, "rolloutCorrection": {"mode": "token-mask", "low": 0.5, "high": 2.0}}, True),
+        (
+            {"policyLossType": "gspo", "clipRange": 0.001, "rolloutCorrection": {"mode": "sequence-mask"}},
+            False,
+        ),
+    ],
+    ids=["dual-clip-icepop", "gspo-sequence-mask"],
+)
+def test_the_2026_policy_losses_train_and_report_the_trainer_rollout_mismatch(
+    ray_session, tiny_model_dir: Path, tmp_path: Path, loss: dict, learns: bool
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    steps = 10 if learns else 3
+    spec = write_spec(
+        tmp_path, tiny_model_dir, actor={"learningRate": 1e-2}, schedule={"steps": steps}, loss=loss
+    )
+    outcome = Driver(load(spec), tmp_path, tmp_path / "out").run()
+    assert outcome.status == "completed" and outcome.step == steps
+    for row in outcome.history:
+        # The trainer recomputed the old log-probs itself; on CPU in fp32 it agrees with the engine.
+        assert abs(row["rollout_kl"]) < 0.05 and 0.0 <= row.get("rollout_filtered", 0.0) < 0.5, row
+    if learns:
+        rewards = [h["reward_mean"] for h in outcome.history]
+        assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards

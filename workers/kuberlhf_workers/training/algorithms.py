@@ -319,6 +319,7 @@ def policy_loss(
         per_sequence = correction == "sequence-mask"
         share = filtered.float().mean() if per_sequence else masked_mean(filtered.to(mask), mask)
         metrics["rollout_filtered"] = float(share)
+    if corrected and rollout_logp is not None:
         metrics["rollout_kl"] = float(masked_mean(rollout_logp - old_logp, mask))
     loss = aggregate(per_token, mask, aggregation, norm_len)
     with torch.no_grad():

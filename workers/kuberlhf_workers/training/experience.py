@@ -26,6 +26,9 @@ class Experience:
     values: torch.Tensor | None
     advantages: torch.Tensor
     returns: torch.Tensor | None
+    # The trainer's own log-probs of the sampled tokens before this update, when a rollout
+    # correction compares them with the engine's (behaviour_logp); else the engine's stand in.
+    old_logp: torch.Tensor | None = None
 
 
 def make_experience(

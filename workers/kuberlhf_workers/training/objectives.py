@@ -62,15 +62,22 @@ class PolicyObjective:
         mask = mb.response_mask.to(device)
         logp = token_logprobs(forward_logits(model, mb), mb, self.spec.rollout.temperature)
         loss_spec = self.spec.loss
+        behaviour = mb.behaviour_logp.to(device)
+        old = exp.old_logp[rows].to(device) if exp.old_logp is not None else behaviour
         loss, metrics = algorithms.policy_loss(
             logp,
-            mb.behaviour_logp.to(device),
+            old,
             exp.advantages[rows].to(device),
             mask,
             loss_spec.clip_range,
             loss_spec.clip_range_high or loss_spec.clip_range,
             algorithms.loss_aggregation(self.spec.algorithm),
             norm_len=self.spec.data.max_new_tokens,
+            dual_clip=loss_spec.dual_clip,
+            level="sequence" if loss_spec.policy_loss_type == "gspo" else "token",
+            rollout_logp=behaviour,
+            correction=loss_spec.rollout_correction.mode,
+            correction_bounds=(loss_spec.rollout_correction.low, loss_spec.rollout_correction.high),
         )
         if exp.ref_logp is not None and self.spec.kl.mode == "loss":
             kl_term = algorithms.kl_loss(logp, exp.ref_logp[rows].to(device), mask, self.spec.kl.estimator)
@@ -79,6 +86,15 @@ class PolicyObjective:
 
     def step_metrics(self, exp: Experience) -> Metrics:
         return batch_metrics(exp)
+
+    def old_logprobs(
+        self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
+    ) -> torch.Tensor:
+        """The trainer's log-probs of rows `rows` before the update (no gradient), which a rollout
+        correction weighs against the engine's."""
+        mb = exp.batch.rows(rows)
+        with torch.no_grad():
+            return token_logprobs(forward_logits(model, mb), mb, self.spec.rollout.temperature).cpu()
 
 
 class ValueObjective:

@@ -22,7 +22,7 @@ from kuberlhf_workers.base.transports import ParamMeta, WeightTransport, free_ad
 from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import Experience, make_experience
 from kuberlhf_workers.training.layout import train_layout
-from kuberlhf_workers.training.objectives import OBJECTIVES, ValueObjective
+from kuberlhf_workers.training.objectives import OBJECTIVES, PolicyObjective, ValueObjective
 from kuberlhf_workers.training.rank import EXPORT_SHARD_BYTES, DeepSpeedRank
 
 
@@ -89,6 +89,15 @@ class TrainerWorker:
         layout, model, device = self.rank.layout, self.rank.model, self.rank.device
         mine = shard(len(exp.batch), self.rank.rank, layout.world)
         step_metrics = []
+        if isinstance(self.objective, PolicyObjective) and self.spec.loss.rollout_correction.mode != "off":
+            # One no-grad pass before any update, micro-batch by micro-batch (every rank: ZeRO-3).
+            old = torch.zeros_like(exp.batch.behaviour_logp)
+            model.eval()
+            for start in range(mine.start, mine.stop, layout.micro):
+                rows = slice(start, min(start + layout.micro, mine.stop))
+                old[rows] = self.objective.old_logprobs(model, exp, rows, device)
+            model.train()
+            exp.old_logp = old
         for _ in range(self.objective.trainer.epochs):
             for start in range(mine.start, mine.stop, layout.micro):
                 rows = slice(start, min(start + layout.micro, mine.stop))
