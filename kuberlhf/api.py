@@ -152,6 +152,14 @@ class ModelSpec(_Model):
     )
 
 
+class OverlongSpec(_Model):
+    """DAPO's soft overlong punishment: 0 up to maxNewTokens - bufferTokens, then falling linearly
+    to -penalty at maxNewTokens, added to the reward."""
+
+    buffer_tokens: int = Field(..., ge=1, description="Length of the penalty ramp before maxNewTokens.")
+    penalty: float = Field(1.0, gt=0, le=100, description="The penalty at maxNewTokens.")
+
+
 class RewardSpec(_Model):
     """How completions are scored: exactly one of function, model or url."""
 
@@ -174,6 +182,9 @@ class RewardSpec(_Model):
         "timeoutSeconds * (maxRetries + 1) per step before the job fails naming it.",
     )
     max_retries: int = Field(3, ge=0, le=20, description="Retries with backoff before the job fails.")
+    overlong: OverlongSpec | None = Field(
+        None, description="DAPO's overlong reward shaping: penalise completions near data.maxNewTokens."
+    )
 
     def sources(self) -> list[RewardSource]:
         """The reward sources set (a valid spec sets exactly one)."""
@@ -294,6 +305,11 @@ class KLSpec(_Model):
     mode: Literal["penalty", "loss"] = Field(
         "penalty", description="penalty: subtract from the reward; loss: add to the policy loss."
     )
+    target: float | None = Field(
+        None, gt=0, le=10, description="Adaptive KL (Ziegler et al. 2019): steer the coefficient, starting "
+        "at coef, so the measured KL approaches this target (unset: a fixed coefficient).",
+    )
+    horizon: int = Field(10000, ge=1, description="Adaptive KL: samples over which the coefficient adapts.")
 
 
 class RolloutCorrectionSpec(_Model):
@@ -319,6 +335,10 @@ class LossSpec(_Model):
     dual_clip: float | None = Field(
         None, gt=1, le=100, description="Dual-clip PPO: bound the loss of negative-advantage tokens by "
         "dualClip times the advantage (unset: off).",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0, le=1, description="Entropy bonus: subtract this times the policy's mean token "
+        "entropy from the loss (0: off).",
     )
     rollout_correction: RolloutCorrectionSpec = Field(
         default_factory=RolloutCorrectionSpec, description="Trainer / rollout log-prob mismatch correction."
@@ -601,6 +621,21 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         message=f"data.train and data.eval are datasets of {_OFFLINE_NAMES}; online algorithms "
         "read data.prompts: remove them or change the algorithm",
         holds=lambda s: not ALGORITHMS[s.algorithm].online or (s.data.train is None and s.data.eval is None),
+    ),
+    CrossFieldRule(
+        cel="!has(self.kl.target) || self.kl.coef > 0.0",
+        field="spec.kl.target",
+        message="adaptive KL starts from kl.coef and steers it: set kl.coef > 0",
+        holds=lambda s: s.kl.target is None or s.kl.coef > 0,
+    ),
+    CrossFieldRule(
+        cel="!has(self.reward) || !has(self.reward.overlong) || "
+        "self.reward.overlong.bufferTokens < self.data.maxNewTokens",
+        field="spec.reward.overlong.bufferTokens",
+        message="the overlong ramp must start after the first token: make bufferTokens smaller than "
+        "data.maxNewTokens",
+        holds=lambda s: s.reward is None or s.reward.overlong is None
+        or s.reward.overlong.buffer_tokens < s.data.max_new_tokens,
     ),
     CrossFieldRule(
         cel="!self.data.packing || self.algorithm == 'sft'",

@@ -137,3 +137,29 @@ def test_the_2026_policy_losses_train_and_report_the_trainer_rollout_mismatch(
     if learns:
         rewards = [h["reward_mean"] for h in outcome.history]
         assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+
+
+def test_adaptive_kl_entropy_bonus_and_overlong_shaping_act_and_the_coefficient_is_checkpointed(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control import checkpoint as ckpt
+    from kuberlhf_workers.control.driver import Driver
+
+    spec = write_spec(
+        tmp_path,
+        tiny_model_dir,
+        actor={"learningRate": 1e-2},
+        schedule={"steps": 3},
+        checkpoint={"everySteps": 2},
+        kl={"coef": 0.05, "target": 1e-4, "horizon": 64},
+        loss={"entropyCoef": 0.01},
+        reward={"function": "digits.py:reward", "overlong": {"bufferTokens": 8, "penalty": 1.0}},
+    )
+    outcome = Driver(load(spec), tmp_path, tmp_path / "out").run()
+    coefs = [h["kl_coef"] for h in outcome.history]
+    assert coefs[0] == pytest.approx(0.05) and coefs[1] != coefs[0], coefs
+    assert all(h["entropy"] > 0 for h in outcome.history)
+    assert all(h["overlong_penalty_mean"] <= 0 for h in outcome.history)
+    assert any(h["overlong_penalty_mean"] < 0 for h in outcome.history), "16-token replies reach the ramp"
+    state = ckpt.read_state(tmp_path / "out" / "checkpoints" / "step-000002")
+    assert state.extra["kl_coef"] == pytest.approx(coefs[2]), "resume must continue with the adapted value"

@@ -239,3 +239,33 @@ def test_kl_loss_averages_the_estimator_over_real_tokens() -> None:
     logp, ref, mask = t([[-1.0, -2.0, 5.0]]), t([[-1.5, -1.0, 0.0]]), t([[1, 1, 0]])
     close(kl_loss(logp, ref, mask, "k1"), (0.5 - 1.0) / 2)
     close(kl_loss(logp, ref, mask, "k3"), (math.exp(-0.5) - 0.5 + math.e - 2) / 2)
+
+
+# -- entropy bonus, adaptive KL, overlong shaping ------------------------------------------------
+
+
+def test_entropy_is_log_v_for_uniform_logits_and_zero_for_certain_ones() -> None:
+    from kuberlhf_workers.training.algorithms import entropy
+
+    mask = torch.ones(1, 2)
+    assert float(entropy(torch.zeros(1, 2, 8), mask)) == pytest.approx(math.log(8))
+    certain = torch.full((1, 2, 8), -1e4)
+    certain[..., 3] = 0.0
+    assert float(entropy(certain, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_adaptive_kl_coefficient_rises_above_target_falls_below_and_moves_at_most_20_percent() -> None:
+    from kuberlhf_workers.training.algorithms import adaptive_kl_coef
+
+    assert adaptive_kl_coef(0.1, kl=0.2, target=0.1, horizon=100, samples=100) == pytest.approx(0.12)
+    assert adaptive_kl_coef(0.1, kl=0.09, target=0.1, horizon=100, samples=100) == pytest.approx(0.09)
+    assert adaptive_kl_coef(0.1, kl=0.01, target=0.1, horizon=100, samples=100) == pytest.approx(0.08)
+    assert adaptive_kl_coef(0.1, kl=0.1, target=0.1, horizon=100, samples=100) == pytest.approx(0.1)
+    assert adaptive_kl_coef(0.1, kl=5.0, target=0.1, horizon=1000, samples=100) == pytest.approx(0.102)
+
+
+def test_overlong_penalty_is_zero_before_the_buffer_then_falls_linearly_to_the_penalty() -> None:
+    from kuberlhf_workers.training.algorithms import overlong_penalty
+
+    lengths = torch.tensor([10, 24, 28, 32])
+    assert overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=1.0).tolist() == [0.0, 0.0, -0.5, -1.0]

@@ -41,6 +41,7 @@ from kuberlhf_workers.control.rollout_queue import (
 from kuberlhf_workers.control.weight_sync import WeightSync
 from kuberlhf_workers.rewards.sources import describe_reward, reward_budget_s
 from kuberlhf_workers.rollout.backend import sleeps_between_rollouts
+from kuberlhf_workers.training import algorithms
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Driver:
         self.rollouts: list[RolloutHandle] = []
         self._weight_sync: WeightSync | None = None
         self.synced_step = 0  # updates the rollout engines' weights hold
+        self.kl_coef = self.spec.kl.coef  # adaptive KL (kl.target) moves it after every step
         self.step_timeout = self.spec.schedule.step_timeout_seconds
         self.actors: list[TrainerHandle] = []
         self.critics: list[TrainerHandle] = []
@@ -248,7 +250,7 @@ class Driver:
         self._engines("sleep", step)  # colocated: the trainers get the GPU memory back
         results = wait_all(
             [
-                (t.label, t.train(rollout_refs, reward_refs, ref_refs, value_refs))
+                (t.label, t.train(rollout_refs, reward_refs, ref_refs, value_refs, self.kl_coef))
                 for t in [*self.actors, *self.critics]
             ],
             self.step_timeout,
@@ -262,6 +264,12 @@ class Driver:
         metrics = dict(results[0])
         if self.critics:
             metrics.update(results[len(self.actors)])
+        kl = self.spec.kl
+        if kl.target is not None:
+            metrics["kl_coef"] = self.kl_coef
+            self.kl_coef = algorithms.adaptive_kl_coef(
+                self.kl_coef, metrics["kl"], kl.target, kl.horizon, rows
+            )
         metrics.update(
             time_rollout_s=t_rollout - started,
             time_reward_s=t_reward - t_rollout,
@@ -288,7 +296,9 @@ class Driver:
             "check that the checkpoint volume is writable and not full",
         )
         ahead = [self._snapshot(p) for p in self._pending]
-        extra = {"sampler_ahead": self.sampler.state()} if ahead else {}
+        extra: dict[str, Any] = {"sampler_ahead": self.sampler.state()} if ahead else {}
+        if self.spec.kl.target is not None:
+            extra["kl_coef"] = self.kl_coef
         if ahead:
             ckpt.write_rollouts_ahead(directory, ahead)
         ckpt.write_state(
@@ -354,6 +364,7 @@ class Driver:
             "check that the checkpoint volume is mounted and readable",
         )
         self.sampler.load_state(state.extra.get("sampler_ahead", state.sampler))
+        self.kl_coef = float(state.extra.get("kl_coef", self.kl_coef))
         self._pending.extend(self._unsnapshot(s) for s in ckpt.read_rollouts_ahead(directory))
         self.sync_weights()
         self.synced_step = state.step

@@ -79,9 +79,10 @@ class TrainerHandle(Handle):
         rewards: list[ObjectRef[list[float]]],
         ref_refs: list[ObjectRef[torch.Tensor]],
         value_refs: list[ObjectRef[torch.Tensor]],
+        kl_coef: float | None = None,
     ) -> ObjectRef[dict[str, float]]:
         # Refs inside lists reach the actor as refs: it fetches them itself, straight from the store.
-        return self.actor.train.remote(rollout_refs, rewards, ref_refs, value_refs)
+        return self.actor.train.remote(rollout_refs, rewards, ref_refs, value_refs, kl_coef)
 
     def values(self, rollout_refs: list[ObjectRef[GenerationResult]]) -> ObjectRef[torch.Tensor]:
         return self.actor.values.remote(rollout_refs)

@@ -345,6 +345,27 @@ def kl_loss(
     return masked_mean(kl_estimate(logp, ref_logp, estimator), mask.to(logp.dtype))
 
 
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the next-token distributions [B, T, V] over the masked-in tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    per_token = -(logp.exp() * logp).sum(-1)
+    return masked_mean(per_token, mask.to(per_token.dtype))
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, samples: int) -> float:
+    """Ziegler et al. (2019)'s proportional controller: move the coefficient by the clipped
+    relative error (at most ±20%), scaled by the share of the horizon this step's samples are."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return coef * (1.0 + error * samples / horizon)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment per completion: 0 up to max_tokens - buffer, then linear down
+    to -penalty at max_tokens (and below it beyond)."""
+    start = max_tokens - buffer
+    return -penalty * ((lengths.float() - start).clamp(min=0) / buffer)
+
+
 # -- offline objectives --------------------------------------------------------------------------
 
 

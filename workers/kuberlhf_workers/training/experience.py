@@ -29,6 +29,8 @@ class Experience:
     # The trainer's own log-probs of the sampled tokens before this update, when a rollout
     # correction compares them with the engine's (behaviour_logp); else the engine's stand in.
     old_logp: torch.Tensor | None = None
+    kl_coef: float = 0.0  # this step's coefficient (adaptive KL moves it between steps)
+    shaping: torch.Tensor | None = None  # what reward shaping (overlong) added to `rewards`
 
 
 def make_experience(
@@ -37,8 +39,19 @@ def make_experience(
     rewards: torch.Tensor,
     ref_logp: torch.Tensor | None,
     values: torch.Tensor | None,
+    kl_coef: float | None = None,
 ) -> Experience:
+    """`kl_coef` overrides spec.kl.coef (the adaptive controller's current value)."""
     mask = batch.response_mask
+    coef = spec.kl.coef if kl_coef is None else kl_coef
+    shaping = None
+    overlong = spec.reward.overlong if spec.reward is not None else None
+    if overlong is not None:
+        lengths = mask.sum(-1)
+        shaping = algorithms.overlong_penalty(
+            lengths, spec.data.max_new_tokens, overlong.buffer_tokens, overlong.penalty
+        )
+        rewards = rewards + shaping
     if ref_logp is not None:
         kl = algorithms.kl_estimate(batch.behaviour_logp, ref_logp, spec.kl.estimator) * mask
     else:
@@ -49,13 +62,13 @@ def make_experience(
         mask,
         spec.rollout.samples_per_prompt,
         kl=kl,
-        kl_coef=spec.kl.coef,
+        kl_coef=coef,
         kl_mode=spec.kl.mode,
         values=values,
         gamma=spec.loss.gamma,
         lam=spec.loss.lambd,
     )
-    return Experience(batch, rewards, kl, ref_logp, values, advantages, returns)
+    return Experience(batch, rewards, kl, ref_logp, values, advantages, returns, None, coef, shaping)
 
 
 def batch_metrics(exp: Experience) -> dict[str, float]:
@@ -63,9 +76,11 @@ def batch_metrics(exp: Experience) -> dict[str, float]:
     mask = exp.batch.response_mask
     lengths = mask.sum(-1)
     kl_mean = float((exp.kl.sum(-1) / lengths.clamp(min=1)).mean())
-    return {
-        "reward_mean": float(exp.rewards.mean()),
-        "reward_std": float(exp.rewards.std()) if len(exp.rewards) > 1 else 0.0,
+    raw = exp.rewards if exp.shaping is None else exp.rewards - exp.shaping
+    shaped = {} if exp.shaping is None else {"overlong_penalty_mean": float(exp.shaping.mean())}
+    return shaped | {
+        "reward_mean": float(raw.mean()),
+        "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
         "kl": kl_mean,
         "response_length_mean": float(lengths.mean()),
         "advantage_mean": float(algorithms.masked_mean(exp.advantages, mask)),

@@ -15,7 +15,7 @@ import torch
 
 from kuberlhf.api import RLHFJobSpec, TrainerRole, TrainerSpec
 from kuberlhf_workers.training import algorithms
-from kuberlhf_workers.training.batch import Batch, response_values, token_logprobs
+from kuberlhf_workers.training.batch import Batch, response_logits, response_values, token_logprobs
 from kuberlhf_workers.training.experience import Experience, batch_metrics
 from kuberlhf_workers.training.forward import forward_logits
 
@@ -60,7 +60,8 @@ class PolicyObjective:
     ) -> tuple[torch.Tensor, Metrics]:
         mb = exp.batch.rows(rows)
         mask = mb.response_mask.to(device)
-        logp = token_logprobs(forward_logits(model, mb), mb, self.spec.rollout.temperature)
+        logits = forward_logits(model, mb)
+        logp = token_logprobs(logits, mb, self.spec.rollout.temperature)
         loss_spec = self.spec.loss
         behaviour = mb.behaviour_logp.to(device)
         old = exp.old_logp[rows].to(device) if exp.old_logp is not None else behaviour
@@ -81,7 +82,13 @@ class PolicyObjective:
         )
         if exp.ref_logp is not None and self.spec.kl.mode == "loss":
             kl_term = algorithms.kl_loss(logp, exp.ref_logp[rows].to(device), mask, self.spec.kl.estimator)
-            loss = loss + self.spec.kl.coef * kl_term
+            loss = loss + exp.kl_coef * kl_term
+        if loss_spec.entropy_coef > 0:
+            temperature = self.spec.rollout.temperature
+            scores = response_logits(logits, mb.prompt_len, mask.shape[1])
+            entropy = algorithms.entropy(scores / temperature if temperature > 0 else scores, mask)
+            loss = loss - loss_spec.entropy_coef * entropy
+            metrics["entropy"] = float(entropy.detach())
         return loss, {k: float(v) for k, v in metrics.items()} | {"policy_loss": float(loss.detach())}
 
     def step_metrics(self, exp: Experience) -> Metrics:

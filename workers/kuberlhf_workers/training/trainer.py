@@ -69,7 +69,12 @@ class TrainerWorker:
     # -- training ---------------------------------------------------------------------------------
 
     def _experience(
-        self, rollout_refs: list[Any], reward_refs: list[Any], ref_refs: list[Any], value_refs: list[Any]
+        self,
+        rollout_refs: list[Any],
+        reward_refs: list[Any],
+        ref_refs: list[Any],
+        value_refs: list[Any],
+        kl_coef: float | None,
     ) -> Experience:
         import ray
 
@@ -78,14 +83,19 @@ class TrainerWorker:
         reward_tensor = torch.as_tensor(rewards, dtype=torch.float32)
         ref_logp = torch.cat(ray.get(ref_refs)) if ref_refs else None
         values = torch.cat(ray.get(value_refs)) if value_refs else None
-        return make_experience(self.spec, batch, reward_tensor, ref_logp, values)
+        return make_experience(self.spec, batch, reward_tensor, ref_logp, values, kl_coef)
 
     def train(
-        self, rollout_refs: list[Any], rewards: list[Any], ref_refs: list[Any], value_refs: list[Any]
+        self,
+        rollout_refs: list[Any],
+        rewards: list[Any],
+        ref_refs: list[Any],
+        value_refs: list[Any],
+        kl_coef: float | None = None,
     ) -> dict[str, float]:
         """One update on this rank's shard; rank 0 returns the step's metrics, the others {}.
         `rewards` are the reward replicas' score refs, whose shares concatenate in row order."""
-        exp = self._experience(rollout_refs, rewards, ref_refs, value_refs)
+        exp = self._experience(rollout_refs, rewards, ref_refs, value_refs, kl_coef)
         layout, model, device = self.rank.layout, self.rank.model, self.rank.device
         mine = shard(len(exp.batch), self.rank.rank, layout.world)
         step_metrics = []
