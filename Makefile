@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit e2e bench gpu-wheels gpu-check crd clean
+.PHONY: install chromium demo test lint typecheck unit e2e bench gpu-wheels gpu-check crd clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The run report's test opens it in a real headless browser: Debian's chromium.
+chromium:
+	command -v chromium >/dev/null || apt-get install -y -q chromium || \
+		(apt-get update -q && apt-get install -y -q chromium)
+
 demo: install
 	$(VENV)/bin/kuberlhf validate examples/tiny-grpo.yaml
 	$(VENV)/bin/kuberlhf run examples/tiny-grpo.yaml --output runs/demo --no-resume
@@ -40,7 +45,7 @@ crd: install
 	$(VENV)/bin/kuberlhf crd > crds/rlhfjob.yaml
 	cp crds/rlhfjob.yaml charts/kuberlhf/crds/rlhfjob.yaml
 
-test: lint typecheck
+test: lint typecheck chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 # The fast tier: the tests marked `unit` (no Ray, DeepSpeed, vLLM or kopf), under two minutes.

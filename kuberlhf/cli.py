@@ -134,6 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(run.main(args))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from kuberlhf_workers.control.report import write_report
+
+    try:
+        path = write_report(Path(args.output))
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{path}")
+    return 0
+
+
 def cmd_wait_saved(args: argparse.Namespace) -> int:
     from kuberlhf import shutdown
 
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in the run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per step")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="(re)build OUTPUT/report.html from a run's metrics.jsonl and spec.yaml")
+    p.add_argument("output", help="the run's output folder (runs/<job> by default)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("wait-saved", help="a Ray pod's preStop hook: ask the driver to stop, wait until it "
                        "has saved its checkpoint")

@@ -62,6 +62,8 @@ def test_run_reports_each_step_stops_cleanly_on_ctrl_c_resumes_and_knows_when_it
     assert all(x.get(k) is not None for x in lines for k in REQUIRED_KEYS)
     assert f"step {total}/{total}" in out and "reward" in out
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "report in" in out and 'src="data:image/png;base64,' in (run_dir / "report.html").read_text()
+    assert "algorithm: grpo" in (run_dir / "spec.yaml").read_text()
 
     code, out = _finish(_run([str(spec), "--quiet", "--max-steps", total], tmp_path, model_cache_dir))
     assert code == 0, out

@@ -17,8 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import yaml
+
 from kuberlhf import api, jobrefs, shutdown
 from kuberlhf.specfile import load_job
+from kuberlhf_workers.control.report import SPEC
 
 if TYPE_CHECKING:
     from kuberlhf_workers.control.driver import Outcome
@@ -110,6 +113,12 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
+    out.mkdir(parents=True, exist_ok=True)
+    # The spec as run (defaults filled in, job: models resolved): for the report and for whoever
+    # wonders later what this folder was trained with. It holds Secret references, never values.
+    document = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": job.metadata.name},
+                "spec": api.spec_to_dict(job.spec)}
+    (out / SPEC).write_text(yaml.safe_dump(document, sort_keys=False))
     tensorboard = TensorBoardWriter(out / "tensorboard")
     display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress()
     callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]
@@ -181,6 +190,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
             reporter.close()
         if isinstance(display, RichProgress):
             display.close()
+    report = _write_report(out)
     if outcome.status == "already-complete":
         print(
             f"{job.metadata.name}: already complete at step {outcome.step}/{outcome.total_steps} "
@@ -196,6 +206,19 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     print(
         f"{job.metadata.name}: done, {outcome.step} steps; model in "
         f"{outcome.model or f'{outcome.last_checkpoint}/model'}, "
-        f"metrics in {out / 'metrics.jsonl'}"
+        f"metrics in {out / 'metrics.jsonl'}" + (f", report in {report}" if report else "")
     )
     return 0
+
+
+def _write_report(out: Path) -> Path | None:
+    """OUTPUT/report.html from what the run wrote; a report that cannot be drawn never fails a run."""
+    from kuberlhf_workers.control.report import write_report
+
+    if not (out / "metrics.jsonl").is_file():
+        return None
+    try:
+        return write_report(out)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"report not written: {exc}", file=sys.stderr)
+        return None
