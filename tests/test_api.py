@@ -219,7 +219,7 @@ def test_defaults_filled_in_by_the_api_server_are_not_mistaken_for_settings() ->
     [
         ({"data": {"train": "t.jsonl"}}, "spec.data.train"),
         ({"schedule": {"epochs": 2}}, "spec.schedule.epochs"),
-        ({"eval": {"everySteps": 5}}, "spec.eval"),
+        ({"eval": {"everySteps": 5}}, "spec.eval.prompts"),
         ({"dpo": {}}, "spec.dpo"),
     ],
 )

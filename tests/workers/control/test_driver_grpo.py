@@ -163,3 +163,26 @@ def test_adaptive_kl_entropy_bonus_and_overlong_shaping_act_and_the_coefficient_
     assert any(h["overlong_penalty_mean"] < 0 for h in outcome.history), "16-token replies reach the ramp"
     state = ckpt.read_state(tmp_path / "out" / "checkpoints" / "step-000002")
     assert state.extra["kl_coef"] == pytest.approx(coefs[2]), "resume must continue with the adapted value"
+
+
+def test_held_out_prompts_are_evaluated_every_n_steps_and_at_the_end_with_pass_at_k(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    (tmp_path / "held-out.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Write {n} digits:"}) + "\n" for n in range(2, 8))
+    )
+    spec = write_spec(
+        tmp_path,
+        tiny_model_dir,
+        actor={"learningRate": 1e-2},
+        schedule={"steps": 3},
+        eval={"prompts": "held-out.jsonl", "everySteps": 2, "samplesPerPrompt": 3, "passThreshold": 0.3},
+    )
+    outcome = Driver(load(spec), tmp_path, tmp_path / "out").run()
+    evaluated = [h["step"] for h in outcome.history if "eval_pass_at_k" in h]
+    assert evaluated == [2, 3], "every 2 steps and at the end"
+    for row in outcome.history:
+        if "eval_pass_at_k" in row:
+            assert 0.0 <= row["eval_pass_at_k"] <= 1.0 and 0.0 <= row["eval_reward_mean"] <= 1.0

@@ -269,3 +269,4 @@ def test_overlong_penalty_is_zero_before_the_buffer_then_falls_linearly_to_the_p
 
     lengths = torch.tensor([10, 24, 28, 32])
     assert overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
+

@@ -22,6 +22,7 @@ from kuberlhf.api import RLHFJob, RLHFJobSpec, steps_to_train
 from kuberlhf.jobrefs import FINAL
 from kuberlhf_workers.base.samples import summarize
 from kuberlhf_workers.control import checkpoint as ckpt
+from kuberlhf_workers.control.evaluation import evaluate
 from kuberlhf_workers.control.faults import (
     ROLLOUT_RETRIES,
     ActorDied,
@@ -121,6 +122,7 @@ class Driver:
         self.critics: list[TrainerHandle] = []
         self.references: list[ReferenceHandle] = []
         self.rewards: list[RewardHandle] = []
+        self.eval_records: list[dict[str, Any]] = []
 
     def request_stop(self) -> None:
         """Finish the current step, checkpoint, return (what Ctrl-C does)."""
@@ -139,6 +141,7 @@ class Driver:
         self.actors, self.critics = workers.actors, workers.critics
         self.references, self.rewards = workers.references, workers.rewards
         self._weight_sync = workers.weight_sync
+        self.eval_records = workers.eval_records
 
     @property
     def weight_sync(self) -> WeightSync:
@@ -283,6 +286,15 @@ class Driver:
         )
         return metrics
 
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Sample and score the held-out prompts with the current weights (after this step's sync)."""
+        return evaluate(self.spec, step, self.eval_records, self.rollouts, self.rewards, self.step_timeout)
+
+    def _evaluates_at(self, step: int) -> bool:
+        every = self.spec.eval.every_steps
+        due = step == self.total_steps or (every is not None and step % every == 0)
+        return bool(self.eval_records) and due
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save(self, step: int) -> str:
@@ -407,6 +419,8 @@ class Driver:
                         f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}"
                     ) from exc
                 step += 1
+                if self._evaluates_at(step):
+                    metrics.update(self.evaluate(step))
                 if step % self.spec.checkpoint.every_steps == 0 or step == self.total_steps:
                     self.save(step)
                     saved_at = step

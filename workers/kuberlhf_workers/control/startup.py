@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kuberlhf.api import RLHFJob, TrainerRole
 from kuberlhf.seats import seats_for
@@ -40,6 +41,7 @@ class Workers:
     critics: list[TrainerHandle] = field(default_factory=list)
     references: list[ReferenceHandle] = field(default_factory=list)
     rewards: list[RewardHandle] = field(default_factory=list)
+    eval_records: list[dict[str, Any]] = field(default_factory=list)  # spec.eval.prompts
 
 
 def start_workers(
@@ -69,6 +71,8 @@ def start_workers(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chat = (lambda m: chat_prompt(tokenizer, m)) if chat_enabled(tokenizer, spec.data.chat_template) else None
     sampler = PromptSampler(load_prompts(spec.data, spec_dir, chat), spec.seed, spec.data.shuffle)
+    eval_source = spec.data.model_copy(update={"prompts": spec.eval.prompts})
+    eval_records = load_prompts(eval_source, spec_dir, chat) if spec.eval.prompts is not None else []
 
     threads = threads_per_actor(spec, local)
     rollout_seats = seats_for(plan, spec, "rollout")
@@ -122,4 +126,4 @@ def start_workers(
     )
     weight_sync = WeightSync(spec, rollout_group, actors, timeout_s)
     weight_sync.connect()
-    return Workers(sampler, rollout_group, actors, weight_sync, critics, references, rewards)
+    return Workers(sampler, rollout_group, actors, weight_sync, critics, references, rewards, eval_records)

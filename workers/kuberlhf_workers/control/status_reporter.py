@@ -31,6 +31,8 @@ METRIC_KEYS = {
     "loss": "loss",
     "eval_accuracy": "evalAccuracy",  # rm
     "eval_reward_accuracy": "evalAccuracy",  # dpo: how often the implicit reward prefers `chosen`
+    "eval_reward_mean": "evalRewardMean",
+    "eval_pass_at_k": "evalPassAtK",
 }
 
 
