@@ -46,7 +46,7 @@ crd: install
 	cp crds/rlhfjob.yaml charts/kuberlhf/crds/rlhfjob.yaml
 
 test: lint typecheck chromium
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PY) -m pytest -q -n 3 --dist loadfile --durations=20 tests
 
 # The fast tier: the tests marked `unit` (no Ray, DeepSpeed, vLLM or kopf), under two minutes.
 unit: install
