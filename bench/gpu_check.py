@@ -365,7 +365,7 @@ def deepspeed_check(stage: int, sizes: Sizes, cuda: bool) -> Result:
     parameters = sum(p.numel() for p in model.parameters())
     rank = DeepSpeedRank("actor", objective.trainer, layout, 0, device)
     start = time.perf_counter()
-    rank.join(("127.0.0.1", free_port()), model, timeout_s=120)  # with layout.deepspeed_config
+    rank.join(("127.0.0.1", free_port()), lambda: model, timeout_s=120)  # with layout.deepspeed_config
     init_s = time.perf_counter() - start
     init_peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (0, 0)
     if cuda:

@@ -32,7 +32,7 @@ NAMESPACE = "default"
 OWNED = ("rayjobs,rayclusters,configmaps,serviceaccounts,roles,rolebindings,persistentvolumeclaims,"
          "networkpolicies,poddisruptionbudgets")
 START_TIMEOUT_S = 480  # generous: make test runs another test file beside this one
-TRAIN_TIMEOUT_S = 300
+TRAIN_TIMEOUT_S = 480
 
 
 def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
