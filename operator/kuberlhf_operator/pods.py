@@ -6,6 +6,7 @@ secret value ever sits in a spec, a ConfigMap or the RLHFJob status.
 
 Each Secret goes only to the containers whose processes use it (`hub_token_needed`,
 `reward_token_needed`): a Secret in a pod's environment is readable by every process in it.
+The model cache goes only to the Ray pods that fetch hub models (`modelcache.has_cache`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any
 
 from kuberlhf import shutdown
 from kuberlhf.api import Resources, RLHFJob, SecretKeyRef, SpecError
-from kuberlhf_operator.modelcache import CACHE_DIR, cache_env, cache_volume, downloads_from_hub, has_cache
+from kuberlhf_operator.modelcache import (
+    CACHE_DIR,
+    VOLUME_NAME,
+    cache_env,
+    cache_volume,
+    downloads_from_hub,
+    has_cache,
+)
 from kuberlhf_operator.names import checkpoint_claim, child_names, pod_labels
 from kuberlhf_operator.quantities import shm_size
 
@@ -151,7 +159,7 @@ def volume_mounts(job: RLHFJob, role: str) -> list[dict[str, Any]]:
         {"name": "dshm", "mountPath": SHM_DIR},
     ]
     if has_cache(job, role):
-        mounts.append({"name": cache_volume(job, role)["name"], "mountPath": CACHE_DIR})
+        mounts.append({"name": VOLUME_NAME, "mountPath": CACHE_DIR})
     return mounts
 
 
