@@ -401,6 +401,29 @@ class CheckpointSpec(_Model):
     volume: VolumeSpec = Field(default_factory=VolumeSpec, description="Cluster storage.")
 
 
+class ModelCacheSpec(_Model):
+    """Where the Ray pods keep the models they download from the hub (HF_HOME), so a model is
+    fetched once per job and sits on requested storage, not in each container's writable layer."""
+
+    volume: Literal["shared", "perPod"] = Field(
+        "shared", description="shared: one ReadWriteMany PVC every pod mounts, kept across retries and "
+        "suspends; perPod: a generic ephemeral volume per pod (storage without ReadWriteMany), each pod "
+        "downloading its own models at every start.",
+    )
+    claim_name: str | None = Field(
+        None, description="shared: an existing ReadWriteMany PVC to use (one cache for many jobs); when "
+        "unset the operator creates <job>-models.",
+    )
+    size: str | None = Field(
+        None, description="Size of the created PVC (perPod: of each pod's volume); default: the hub models' "
+        "bf16 weights, from their names or model.size, with a margin.",
+    )
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the created volumes; the shared PVC defaults to the checkpoint "
+        "volume's, which offers ReadWriteMany already.",
+    )
+
+
 class ScheduleSpec(_Model):
     """How long to train."""
 
@@ -455,6 +478,9 @@ class RLHFJobSpec(_Model):
     weight_sync: WeightSyncSpec = Field(default_factory=WeightSyncSpec, description="Weight transport.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Training length.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    model_cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec, description="Cluster storage for models downloaded from the hub."
+    )
     seed: int = Field(42, ge=0, description="Seed for data order, sampling and initialisation.")
     image: str = Field("kuberlhf/worker:0.1.0", description="Worker image the Ray pods run.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Copied onto every pod.")

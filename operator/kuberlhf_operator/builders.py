@@ -26,6 +26,7 @@ from kuberlhf.jobrefs import ref_problems
 from kuberlhf.placement import plan_for
 from kuberlhf.topology import WorkerGroup, worker_groups
 from kuberlhf_operator.disruption import build_pod_disruption_budget
+from kuberlhf_operator.modelcache import build_model_cache_pvc, model_cache_problems
 from kuberlhf_operator.names import (
     QUEUE_LABEL,
     ChildNames,
@@ -52,6 +53,7 @@ __all__ = [
     "build_all",
     "build_configmap",
     "build_driver_rbac",
+    "build_model_cache_pvc",
     "build_network_policy",
     "build_pod_disruption_budget",
     "build_pvc",
@@ -164,6 +166,7 @@ def build_rayjob(job: RLHFJob, namespace: str) -> dict[str, Any]:
     """
     check_quantities(job.spec)
     check_checkpoint_path(job)
+    check_model_cache(job)
     spec = job.spec
     names = child_names(job)
     extra_labels = {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
@@ -192,21 +195,28 @@ def check_plan(job: RLHFJob) -> None:
         raise SpecError(problems)
 
 
+def check_model_cache(job: RLHFJob) -> None:
+    problems = model_cache_problems(job)
+    if problems:
+        raise SpecError(problems)
+
+
 def build_all(job: RLHFJob, namespace: str, peers: Peers | None = None) -> list[dict[str, Any]]:
     """Every object the operator owns for one RLHFJob, in apply order: identity and RBAC first,
-    then storage and the spec the pods mount, the disruption budget and the network policy before
-    any pod exists, the RayJob last. `peers` says where the operators the network policy admits run
-    (default: `Peers()`)."""
+    then storage (checkpoints, the model cache) and the spec the pods mount, the disruption budget
+    and the network policy before any pod exists, the RayJob last. `peers` says where the operators
+    the network policy admits run (default: `Peers()`)."""
     check_quantities(job.spec)
     check_checkpoint_path(job)
     check_plan(job)
+    check_model_cache(job)
     problems = ref_problems(job.spec, job.metadata.name)
     if problems:
         raise SpecError(problems)
-    pvc = build_pvc(job, namespace)
+    claims = [c for c in (build_pvc(job, namespace), build_model_cache_pvc(job, namespace)) if c is not None]
     return [
         *build_driver_rbac(job, namespace),
-        *([pvc] if pvc is not None else []),
+        *claims,
         build_configmap(job, namespace),
         build_pod_disruption_budget(job, namespace),
         build_network_policy(job, namespace, peers),

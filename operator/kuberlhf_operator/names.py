@@ -31,6 +31,7 @@ class ChildNames:
     role: str
     role_binding: str
     pvc: str
+    model_cache: str
     network_policy: str
     pod_disruption_budget: str
 
@@ -44,6 +45,7 @@ def child_names(job: RLHFJob) -> ChildNames:
         role=f"{name}-driver",
         role_binding=f"{name}-driver",
         pvc=f"{name}-checkpoints",
+        model_cache=f"{name}-models",
         network_policy=f"{name}-ingress",
         pod_disruption_budget=f"{name}-ray-pods",
     )
@@ -52,6 +54,11 @@ def child_names(job: RLHFJob) -> ChildNames:
 def checkpoint_claim(job: RLHFJob) -> str:
     """The PVC the pods mount: the user's existing claim, or the one the operator creates."""
     return job.spec.checkpoint.volume.claim_name or child_names(job).pvc
+
+
+def model_cache_claim(job: RLHFJob) -> str:
+    """The shared model cache the pods mount: the user's existing claim, or the one the operator creates."""
+    return job.spec.model_cache.claim_name or child_names(job).model_cache
 
 
 def common_labels(job: RLHFJob) -> dict[str, str]:

@@ -6,6 +6,7 @@ secret value ever sits in a spec, a ConfigMap or the RLHFJob status.
 
 Each Secret goes only to the containers whose processes use it (`hub_token_needed`,
 `reward_token_needed`): a Secret in a pod's environment is readable by every process in it.
+The model cache goes only to the Ray pods that fetch hub models (`modelcache.has_cache`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Any
 
 from kuberlhf import shutdown
 from kuberlhf.api import Resources, RLHFJob, SecretKeyRef, SpecError
+from kuberlhf_operator.modelcache import (
+    CACHE_DIR,
+    VOLUME_NAME,
+    cache_env,
+    cache_volume,
+    downloads_from_hub,
+    has_cache,
+)
 from kuberlhf_operator.names import checkpoint_claim, child_names, pod_labels
 from kuberlhf_operator.quantities import shm_size
 
@@ -26,10 +35,13 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The `ray` user of the Ray images; fsGroup makes the checkpoint volume writable for it.
 RAY_UID = 1000
 HEAD_RESOURCES = Resources(cpu="2", memory="8Gi")
+# Node disk each Ray pod writes besides its volumes: Ray's session folder and logs, objects spilled
+# from the object store, torch / DeepSpeed / vLLM kernel caches, builtin models built in place.
+SCRATCH = "10Gi"
 # Folders the checkpoint volume must neither cover nor sit inside: the pods' own mounts, and Ray's
 # session folder (its unix sockets do not work on a shared network volume).
 RESERVED_DIRS = {SPEC_DIR: "the job spec is mounted", SHM_DIR: "shared memory is mounted",
-                 "/tmp/ray": "Ray keeps its session and sockets"}
+                 "/tmp/ray": "Ray keeps its session and sockets", CACHE_DIR: "the model cache is mounted"}
 
 
 DEFAULT_CHECKPOINT_MOUNT = "/checkpoints"
@@ -94,13 +106,6 @@ def _secret_env(name: str, ref: SecretKeyRef) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def downloads_from_hub(ref: str) -> bool:
-    """Whether a model reference may be fetched from the hub: neither a builtin (built locally) nor
-    a path or URL, the same order `resolve_model` tries them in (a bare relative name may still be a
-    folder in the image: it counts as the hub's, so it gets the token it might need)."""
-    return not (ref.startswith("builtin:") or ref.startswith(("/", "./", "../", "~")) or "://" in ref)
-
-
 def hub_token_needed(job: RLHFJob, role: str) -> bool:
     """HF_TOKEN where models are downloaded: the head (the driver resolves the actor and tokenizer
     before any actor starts) and the rollout, trainer and reference pods; the reward pods only for a
@@ -132,33 +137,41 @@ def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
         out.append(_secret_env("HF_TOKEN", hub))
     if reward is not None and reward_token_needed(job, role):
         out.append(_secret_env("KUBERLHF_REWARD_TOKEN", reward))
+    if has_cache(job, role):
+        out += cache_env()
     return out
 
 
-def volumes(job: RLHFJob, memory: str) -> list[dict[str, Any]]:
+def volumes(job: RLHFJob, role: str, memory: str) -> list[dict[str, Any]]:
     return [
         {"name": "spec", "configMap": {"name": child_names(job).configmap}},
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim(job)}},
         # NCCL and vLLM exchange tensors through /dev/shm; the runtime's default is 64Mi.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+        *([cache_volume(job, role)] if has_cache(job, role) else []),
     ]
 
 
-def volume_mounts(job: RLHFJob) -> list[dict[str, Any]]:
-    return [
+def volume_mounts(job: RLHFJob, role: str) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
         {"name": "checkpoints", "mountPath": checkpoint_mount_path(job)},
         {"name": "dshm", "mountPath": SHM_DIR},
     ]
+    if has_cache(job, role):
+        mounts.append({"name": VOLUME_NAME, "mountPath": CACHE_DIR})
+    return mounts
 
 
 def container_resources(resources: Resources) -> dict[str, Any]:
-    """Requests equal limits (Guaranteed QoS): training pods must not be the first evicted, and
-    KubeRay derives Ray's num-cpus / num-gpus / memory from these."""
+    """CPU, memory and GPU requests equal limits (Guaranteed QoS): training pods must not be the first
+    evicted, and KubeRay derives Ray's num-cpus / num-gpus / memory from these. Scratch disk is only
+    requested: it reserves the node disk and, under disk pressure, the kubelet evicts pods beyond
+    their request first; a limit would evict a pod the moment Ray spills a little more than planned."""
     amounts: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
     if resources.gpus > 0:
         amounts[GPU_RESOURCE] = str(resources.gpus)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    return {"requests": {**amounts, "ephemeral-storage": SCRATCH}, "limits": dict(amounts)}
 
 
 def _scheduling(job: RLHFJob) -> dict[str, Any]:
@@ -194,7 +207,7 @@ def ray_pod_template(
         "image": job.spec.image,
         "env": env(job, namespace, role),
         "resources": container_resources(resources),
-        "volumeMounts": volume_mounts(job),
+        "volumeMounts": volume_mounts(job, role),
         "securityContext": container_security_context(),
         "lifecycle": pre_stop_hook(job),
     }
@@ -206,7 +219,7 @@ def ray_pod_template(
             "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
             "securityContext": pod_security_context(),
             "containers": [container],
-            "volumes": volumes(job, resources.memory),
+            "volumes": volumes(job, role, resources.memory),
             **_scheduling(job),
         },
     }

@@ -41,6 +41,8 @@ def quantity_problems(spec: RLHFJobSpec) -> list[str]:
     problems = [p for group in worker_groups(spec) for p in _group_problems(spec, group)]
     if spec.checkpoint.volume.claim_name is None:
         problems += _problem("spec.checkpoint.volume.size", spec.checkpoint.volume.size, "500Gi")
+    if spec.model_cache.size is not None:
+        problems += _problem("spec.modelCache.size", spec.model_cache.size, "200Gi")
     # A critic without its own section borrows the actor's resources: report that field once.
     return list(dict.fromkeys(problems))
 

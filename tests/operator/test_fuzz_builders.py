@@ -50,7 +50,8 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     reward_kind = draw(st.sampled_from(["function", "model", "url"]))
     rewards: dict[str, dict[str, Any]] = {
         "function": {"function": "my_rewards:score"},
-        "model": {"model": "pvc://models/rm", "replicas": draw(st.integers(1, 4)),
+        "model": {"model": draw(st.sampled_from(["pvc://models/rm", "OpenRLHF/Llama-3-8b-rm-700k"])),
+                  "replicas": draw(st.integers(1, 4)),
                   "resources": resources(draw, draw(st.integers(0, 2)))},
         "url": {"url": "http://rm.example:8000", "timeoutSeconds": draw(st.floats(0.5, 300))},
     }
@@ -82,6 +83,10 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
         "checkpoint": {"path": draw(st.sampled_from(["/checkpoints", "ckpt", "/mnt/a/../b", "/tmp/ckpt"])),
                        "volume": draw(st.sampled_from([{}, {"claimName": "shared-ckpt"},
                                                        {"size": "1Ti", "storageClassName": "fast-rwx"}]))},
+        "modelCache": draw(st.sampled_from([
+            {}, {"volume": "perPod"}, {"claimName": "team-models"},
+            {"size": "300Gi", "storageClassName": "nfs"},
+            {"volume": "perPod", "size": "80Gi", "storageClassName": "nvme"}])),
         "suspend": draw(st.booleans()),
         "backoffLimit": draw(st.integers(0, 100)),
         "ttlSecondsAfterFinished": draw(st.sampled_from([0, 600, 2**31 - 1])),
@@ -117,7 +122,12 @@ def test_every_valid_spec_renders_objects_the_api_server_and_kuberay_accept(doc:
     objects = builders.build_all(job, namespace)
     kinds = [o["kind"] for o in objects]
     assert kinds[-1] == "RayJob" and kinds.count("RayJob") == 1
-    assert ("PersistentVolumeClaim" in kinds) == (job.spec.checkpoint.volume.claim_name is None)
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert (f"{job.metadata.name}-checkpoints" in claims) == (job.spec.checkpoint.volume.claim_name is None)
+    cache = job.spec.model_cache
+    assert claims <= {f"{job.metadata.name}-checkpoints", f"{job.metadata.name}-models"}
+    if cache.volume == "perPod" or cache.claim_name is not None:
+        assert f"{job.metadata.name}-models" not in claims
     for obj in objects:
         assert obj["metadata"]["namespace"] == namespace
         problems = validate_kuberay(obj) if obj["kind"] == "RayJob" else validate_builtin(obj)
@@ -130,7 +140,8 @@ def test_every_valid_spec_renders_objects_the_api_server_and_kuberay_accept(doc:
 
 BASE: dict[str, Any] = {
     "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "q"},
-    "spec": {"algorithm": "ppo", "model": {"actor": "m"}, "reward": {"model": "rm"}, "critic": {}},
+    "spec": {"algorithm": "ppo", "model": {"actor": "m", "size": "1B"}, "reward": {"model": "rm-1B"},
+             "critic": {}},
 }
 
 

@@ -163,3 +163,87 @@ def test_the_planners_builtin_shapes_match_the_models_built_here(tiny_model_dir:
     assert {k: config[k] for k in expected} == expected
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert parameters_of(config) == sum(p.numel() for p in model.parameters())
+
+
+# File listings of real hub repos (as the hub's API lists them), which `snapshot_download` filters with
+# huggingface_hub's own `filter_repo_objects`.
+HUB_REPOS = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": (
+        [".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
+         *(f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)), "model.safetensors.index.json",
+         "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"],
+        {"config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
+         "tokenizer.json", "tokenizer_config.json"},
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": (
+        [".gitattributes", "LICENSE", "README.md", "config.json", "generation_config.json", "merges.txt",
+         *(f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)), "model.safetensors.index.json",
+         "tokenizer.json", "tokenizer_config.json", "vocab.json"],
+        {"config.json", "generation_config.json", "merges.txt", "model.safetensors.index.json",
+         "tokenizer.json", "tokenizer_config.json", "vocab.json"},
+    ),
+    "mistralai/Mistral-7B-v0.1": (  # SentencePiece, and the weights twice (safetensors and .bin)
+        [".gitattributes", "README.md", "config.json", "generation_config.json",
+         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+         "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+         "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"],
+        {"config.json", "generation_config.json", "model.safetensors.index.json",
+         "pytorch_model.bin.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+         "tokenizer_config.json"},
+    ),
+}
+
+
+def hub_selection(files: list[str], tokenizer_only: bool) -> set[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    allow, ignore = builtin.hub_patterns(tokenizer_only)
+    return set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+
+
+@pytest.mark.parametrize("repo", sorted(HUB_REPOS))
+def test_the_driver_fetches_a_hub_models_tokenizer_and_config_files_and_no_weights(repo: str) -> None:
+    files, tokenizer_files = HUB_REPOS[repo]
+    assert hub_selection(files, tokenizer_only=True) == tokenizer_files
+
+
+def test_the_workers_still_fetch_every_weight_file_of_a_hub_model() -> None:
+    files, _ = HUB_REPOS["meta-llama/Meta-Llama-3-8B-Instruct"]
+    fetched = hub_selection(files, tokenizer_only=False)
+    assert {f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)} <= fetched
+    assert not any(f.startswith("original/") for f in fetched)
+
+
+def test_the_tokenizer_files_alone_load_the_same_tokenizer_from_the_hub_cache(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A hub cache holding only what the tokenizer patterns select from builtin:tiny's files, laid out
+    as huggingface_hub lays one out: the driver's tokenizer loads from it and encodes as the model's."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    selected = hub_selection(sorted(p.name for p in tiny_model_dir.iterdir()), tokenizer_only=True)
+    assert "model.safetensors" not in selected and "config.json" in selected
+    for name in selected:
+        shutil.copy(tiny_model_dir / name, snapshot / name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    folder = resolve_model("acme/tiny", tokenizer_only=True)
+    assert folder == snapshot
+    text = [{"role": "user", "content": "What is 12 + 5?"}]
+    ours, theirs = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert ours.apply_chat_template(text, tokenize=False) == theirs.apply_chat_template(text, tokenize=False)
+    assert ours("Count: 1 2 3").input_ids == theirs("Count: 1 2 3").input_ids
+    assert (ours.pad_token_id, ours.eos_token_id) == (theirs.pad_token_id, theirs.eos_token_id)
+
+
+def test_tokenizer_only_returns_builtin_and_local_models_whole(tiny_model_dir: Path) -> None:
+    assert resolve_model("builtin:tiny", tiny_model_dir.parent, tokenizer_only=True) == tiny_model_dir
+    assert resolve_model(str(tiny_model_dir), tokenizer_only=True) == tiny_model_dir

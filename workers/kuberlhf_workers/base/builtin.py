@@ -196,25 +196,39 @@ def build_builtin(name: str, cache_dir: Path) -> Path:
 
 # Weight formats transformers never needs when safetensors or .bin files are there.
 _SKIPPED_HUB_FILES = ["*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.ot", "original/*"]
+# What AutoTokenizer reads (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+# vocab.json / merges.txt, SentencePiece and tiktoken vocabularies, chat templates) and config.json,
+# which names the tokenizer class of some models: every other file of a repo is weights or docs.
+TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def hub_patterns(tokenizer_only: bool) -> tuple[list[str] | None, list[str]]:
+    """`snapshot_download`'s (allow_patterns, ignore_patterns): the whole model, or only what a
+    tokenizer needs. The driver wants the tokenizer alone; fetching a 70B model's weights onto the
+    head (no volume, 8 Gi of memory) would fill its node's disk for nothing."""
+    return (TOKENIZER_FILES if tokenizer_only else None), _SKIPPED_HUB_FILES
 
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _from_hub(ref: str, field: str) -> Path:
-    """A hub id: the cached snapshot when offline, otherwise downloaded into the HF cache."""
+def _from_hub(ref: str, field: str, tokenizer_only: bool) -> Path:
+    """A hub id: the cached snapshot when offline, otherwise downloaded into the HF cache (in a
+    cluster the job's model cache volume, HF_HOME)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     builtins = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_MODELS))
     offline = _hub_offline()
+    allow, ignore = hub_patterns(tokenizer_only)
     try:
         path = snapshot_download(
             ref,
             cache_dir=os.environ.get("HF_HUB_CACHE"),
             local_files_only=offline,
-            ignore_patterns=_SKIPPED_HUB_FILES,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
         )
     except (LocalEntryNotFoundError, HFValidationError) as exc:
         where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub"
@@ -230,10 +244,15 @@ def _from_hub(ref: str, field: str) -> Path:
     return Path(path)
 
 
-def resolve_model(ref: str, cache_dir: Path | None = None, *, field: str = "spec.model.actor") -> Path:
+def resolve_model(
+    ref: str, cache_dir: Path | None = None, *, field: str = "spec.model.actor", tokenizer_only: bool = False
+) -> Path:
     """Turn a model reference into a local directory loadable with the Auto classes.
 
-    `field` names the spec field the reference came from, for error messages.
+    `field` names the spec field the reference came from, for error messages. `tokenizer_only`
+    fetches only the tokenizer and config files of a hub model (the folder then loads with
+    AutoTokenizer only); builtin models and local folders are returned whole either way, since
+    they cost no download.
     """
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX) :]
@@ -249,4 +268,4 @@ def resolve_model(ref: str, cache_dir: Path | None = None, *, field: str = "spec
             f"{field}: {ref!r} is not an existing directory on this machine "
             "(pvc:// and s3:// locations must be mounted or downloaded before training starts)"
         )
-    return _from_hub(ref, field)
+    return _from_hub(ref, field, tokenizer_only)

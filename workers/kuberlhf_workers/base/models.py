@@ -25,6 +25,14 @@ def local_model(model: ModelRef) -> str:
     return str(resolve_model(model.ref, field=model.field))
 
 
+def local_tokenizer(model: ModelRef) -> str:
+    """A folder AutoTokenizer loads `model`'s tokenizer from: for a hub model its tokenizer and config
+    files only, so the driver never downloads weights it does not use."""
+    from kuberlhf_workers.base.builtin import resolve_model
+
+    return str(resolve_model(model.ref, field=model.field, tokenizer_only=True))
+
+
 def pick_device(gpus: float) -> torch.device:
     """The device an actor that asked Ray for `gpus` GPUs computes on."""
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")

@@ -20,7 +20,7 @@ from kuberlhf.files import find_spec_file
 from kuberlhf.jobrefs import FINAL
 from kuberlhf.seats import seats_for
 from kuberlhf_workers.base.data import PromptSampler
-from kuberlhf_workers.base.models import ModelRef, local_model
+from kuberlhf_workers.base.models import ModelRef, local_tokenizer
 from kuberlhf_workers.base.records import Example, Kind, Renderer, load_examples
 from kuberlhf_workers.control import checkpoint as ckpt
 from kuberlhf_workers.control.driver import Outcome, start_ray
@@ -74,7 +74,7 @@ class OfflineDriver:
         from transformers import AutoTokenizer
 
         spec = self.spec
-        tokenizer = AutoTokenizer.from_pretrained(local_model(self._tokenizer_ref()))
+        tokenizer = AutoTokenizer.from_pretrained(local_tokenizer(self._tokenizer_ref()))
         renderer = Renderer(tokenizer, spec.data.chat_template, spec.data.max_length)
         kind: Kind = "sft" if spec.algorithm == "sft" else "pairs"
 

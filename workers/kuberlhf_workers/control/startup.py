@@ -15,7 +15,7 @@ from typing import Any
 from kuberlhf.api import RLHFJob, TrainerRole
 from kuberlhf.seats import seats_for
 from kuberlhf_workers.base.data import PromptSampler, load_prompts
-from kuberlhf_workers.base.models import ModelRef, local_model
+from kuberlhf_workers.base.models import ModelRef, local_tokenizer
 from kuberlhf_workers.base.records import chat_enabled, chat_prompt
 from kuberlhf_workers.control.faults import wait_all
 from kuberlhf_workers.control.groups import ActorGroup, Placements, start_group, threads_per_actor
@@ -61,13 +61,14 @@ def start_workers(
     if spec.critic is not None:
         train_layout(rows, spec.critic, "critic")
     # Actors get model references, not paths: each resolves its own copy (in a cluster the
-    # driver's folders are not on the workers' pods). Resolving here first fails fast on a typo.
+    # driver's folders are not on the workers' pods). Resolving the actor's config and tokenizer
+    # here fails fast on a typo without fetching weights the driver never loads.
     actor_ref = ModelRef(spec.model.actor, "spec.model.actor")
     tok_ref = ModelRef(spec.model.tokenizer, "spec.model.tokenizer") if spec.model.tokenizer else actor_ref
     critic_ref = ModelRef(spec.model.critic, "spec.model.critic") if spec.model.critic else actor_ref
     ref_ref = ModelRef(spec.model.reference, "spec.model.reference") if spec.model.reference else actor_ref
-    tokenizer = AutoTokenizer.from_pretrained(local_model(tok_ref))
-    local_model(actor_ref)
+    tokenizer = AutoTokenizer.from_pretrained(local_tokenizer(tok_ref))
+    local_tokenizer(actor_ref)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chat = (lambda m: chat_prompt(tokenizer, m)) if chat_enabled(tokenizer, spec.data.chat_template) else None
     sampler = PromptSampler(load_prompts(spec.data, spec_dir, chat), spec.seed, spec.data.shuffle)
