@@ -150,7 +150,7 @@ def run_episodes(
                 continue
             ep.reward += reward
             ep.done = done
-            if done:
+            if done or turn == max_turns - 1:  # no model turn follows: an observation would be dead weight
                 continue
             if len(ep.response) >= env_spec.max_tokens:
                 ep.truncated = True
