@@ -192,6 +192,36 @@ class RewardSpec(_Model):
         return [k for k in chosen if getattr(self, k) is not None]
 
 
+class EnvironmentSpec(_Model):
+    """A multi-turn environment that acts on the model's turns and scores the episode (instead of
+    spec.reward): one instance per episode, built from the prompt record, run in the rollout engines."""
+
+    class_: str = Field(
+        ...,
+        alias="class",
+        min_length=1,
+        description='"file.py:ClassName" (relative to the spec file) or "module:ClassName": a class built '
+        "as Env(record) with reset() -> str and step(action) -> (observation or None, reward, done), "
+        "either of them may be async; the episode's reward is the sum of its step rewards.",
+    )
+    max_turns: int | None = Field(
+        None, ge=1, le=256, description="Model turns per episode; default: the class's max_turns (or 4)."
+    )
+    max_tokens: int = Field(
+        1024, ge=1, le=131072, description="Tokens of an episode after its prompt (the model's turns and "
+        "the observations); an episode reaching it is cut and counted as truncated. Each turn generates "
+        "at most data.maxNewTokens.",
+    )
+    timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Per call to the environment (construction, reset, one step); "
+        "a call that raises, takes longer or returns something malformed fails its episode (reward 0).",
+    )
+    max_failed_share: float = Field(
+        0.5, ge=0, le=1, description="The step fails, naming the environment and its error, when more "
+        "than this share of an engine's episodes failed.",
+    )
+
+
 class DataSpec(_Model):
     """The prompts to train on (online algorithms), or the dataset (offline ones)."""
 
@@ -463,6 +493,10 @@ class RLHFJobSpec(_Model):
     )
     model: ModelSpec = Field(..., description="Actor, reference and critic weights.")
     reward: RewardSpec | None = Field(None, description="How completions are scored (online algorithms).")
+    environment: EnvironmentSpec | None = Field(
+        None, description="Multi-turn episodes scored by an environment (online algorithms; instead of "
+        "reward).",
+    )
     data: DataSpec = Field(default_factory=DataSpec, description="Prompt source.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation engines.")
     actor: TrainerSpec = Field(default_factory=TrainerSpec, description="Policy trainer.")
@@ -640,10 +674,24 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: s.reward is None or len(s.reward.sources()) == 1,
     ),
     CrossFieldRule(
-        cel=f"self.algorithm in {_OFFLINE_CEL} || has(self.reward)",
+        cel=f"self.algorithm in {_OFFLINE_CEL} || has(self.reward) != has(self.environment)",
         field="spec.reward",
-        message="online algorithms score their completions: set spec.reward (function, model or url)",
-        holds=lambda s: not ALGORITHMS[s.algorithm].online or s.reward is not None,
+        message="online algorithms score their completions: set spec.reward (function, model or url) "
+        "or spec.environment (multi-turn episodes), not both",
+        holds=lambda s: not ALGORITHMS[s.algorithm].online or (s.reward is None) != (s.environment is None),
+    ),
+    CrossFieldRule(
+        cel=f"!(self.algorithm in {_OFFLINE_CEL}) || !has(self.environment)",
+        field="spec.environment",
+        message=f"{_OFFLINE_NAMES} train on data.train and run no episodes: remove spec.environment",
+        holds=lambda s: ALGORITHMS[s.algorithm].online or s.environment is None,
+    ),
+    CrossFieldRule(
+        cel="!has(self.environment) || self.rollout.engine == 'hf'",
+        field="spec.environment",
+        message="multi-turn episodes run on rollout.engine: hf (the vllm backend generates single turns "
+        "only): set rollout.engine: hf or remove spec.environment",
+        holds=lambda s: s.environment is None or s.rollout.engine == "hf",
     ),
     CrossFieldRule(
         cel=f"!(self.algorithm in {_OFFLINE_CEL}) || !has(self.reward)",
@@ -672,6 +720,13 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: not ALGORITHMS[s.algorithm].online
         or s.eval.every_steps is None
         or s.eval.prompts is not None,
+    ),
+    CrossFieldRule(
+        cel=f"self.algorithm in {_OFFLINE_CEL} || !has(self.eval.prompts) || has(self.reward)",
+        field="spec.eval.prompts",
+        message="held-out prompts are scored with spec.reward; runs with spec.environment are not "
+        "evaluated on them yet: remove eval.prompts",
+        holds=lambda s: not ALGORITHMS[s.algorithm].online or s.eval.prompts is None or s.reward is not None,
     ),
     CrossFieldRule(
         cel="!has(self.kl.target) || self.kl.coef > 0.0",

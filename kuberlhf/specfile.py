@@ -42,6 +42,16 @@ def local_problems(job: api.RLHFJob, spec_dir: Path) -> list[str]:
             problems.append(f"spec.reward.function: {fn!r} must look like 'file.py:fn' or 'module:fn'")
         elif target.endswith(".py") and find_spec_file(Path(target), spec_dir) is None:
             problems.append(f"spec.reward.function: file {target!r} not found next to the spec ({spec_dir})")
+    cls = job.spec.environment.class_ if job.spec.environment is not None else None
+    if cls is not None:
+        target, _, name = cls.rpartition(":")
+        if not target or not name:
+            problems.append(f"spec.environment.class: {cls!r} must look like 'file.py:ClassName' or "
+                            "'module:ClassName'")
+        elif target.endswith(".py") and find_spec_file(Path(target), spec_dir) is None:
+            problems.append(
+                f"spec.environment.class: file {target!r} not found next to the spec ({spec_dir})"
+            )
     for field, value in (("train", job.spec.data.train), ("eval", job.spec.data.eval)):
         if value is not None and find_spec_file(Path(value), spec_dir) is None:
             problems.append(

@@ -237,3 +237,43 @@ def test_an_offline_run_is_as_long_as_its_epochs_and_an_online_one_defaults_to_1
     assert api.steps_to_train(spec, records=20) == 8  # ceil(3 * 20 / (4 * 2))
     online = api.parse_job(sample()).spec.model_copy(update={"schedule": api.ScheduleSpec()})
     assert api.steps_to_train(online) == 100
+
+
+# -- spec.environment ------------------------------------------------------------------------
+
+
+def with_environment(**environment: Any) -> dict[str, Any]:
+    obj = sample()
+    del obj["spec"]["reward"]
+    obj["spec"]["environment"] = {"class": "calculator.py:Calculator", **environment}
+    return obj
+
+
+def test_an_environment_scores_an_online_run_instead_of_a_reward() -> None:
+    env = api.parse_job(with_environment(maxTurns=3)).spec.environment
+    assert env is not None and env.class_ == "calculator.py:Calculator" and env.max_turns == 3
+    assert (env.max_tokens, env.timeout_seconds, env.max_failed_share) == (1024, 30.0, 0.5)
+
+
+def test_an_environment_and_a_reward_together_or_neither_are_refused() -> None:
+    both = with_environment()
+    both["spec"]["reward"] = {"function": "digits.py:reward"}
+    neither = sample()
+    del neither["spec"]["reward"]
+    message = ("spec.reward: online algorithms score their completions: set spec.reward (function, model "
+               "or url) or spec.environment (multi-turn episodes), not both")
+    assert problems_of(both) == [message] and problems_of(neither) == [message]
+
+
+def test_an_environment_on_the_vllm_engine_or_an_offline_algorithm_is_refused_naming_the_field() -> None:
+    vllm = with_environment()
+    vllm["spec"]["rollout"]["engine"] = "vllm"
+    assert problems_of(vllm) == [
+        "spec.environment: multi-turn episodes run on rollout.engine: hf (the vllm backend generates "
+        "single turns only): set rollout.engine: hf or remove spec.environment"
+    ]
+    sft = offline(environment={"class": "env.py:Env"})
+    refused = (
+        "spec.environment: sft, rm, dpo train on data.train and run no episodes: remove spec.environment"
+    )
+    assert refused in problems_of(sft)

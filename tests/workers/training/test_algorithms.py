@@ -270,3 +270,22 @@ def test_overlong_penalty_is_zero_before_the_buffer_then_falls_linearly_to_the_p
     lengths = torch.tensor([10, 24, 28, 32])
     assert overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
 
+
+def test_gae_skips_observation_tokens_as_if_the_models_tokens_were_contiguous() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 9.0, 9.0, 0.25, 0.75]])
+    gapped = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]])  # two observation tokens after the first
+    advantages, returns = gae(rewards, values, gapped, gamma=0.9, lam=0.8)
+    compact, compact_returns = gae(
+        torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.25, 0.75]]), torch.ones(1, 3), 0.9, 0.8
+    )
+    assert advantages[0, [1, 2]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(advantages[0, [0, 3, 4]], compact[0])
+    torch.testing.assert_close(returns[0, [0, 3, 4]], compact_returns[0])
+
+
+def test_a_group_estimator_puts_the_episodes_advantage_on_every_model_token_only() -> None:
+    mask = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, _ = compute_advantages("rloo", torch.tensor([1.0, 0.0]), mask, 2)
+    # rloo, groups of 2: r_i minus the other's reward
+    assert advantages.tolist() == [[1.0, 0.0, 1.0], [-1.0, -1.0, 0.0]]

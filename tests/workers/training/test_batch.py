@@ -65,3 +65,13 @@ def test_batch_arithmetic_that_cannot_work_is_rejected_naming_the_field():
         train_layout(32, TrainerSpec(micro_batch_size=5), "critic")
     layout = train_layout(32, TrainerSpec(replicas=2, micro_batch_size=4), "actor")
     assert (layout.micro, layout.accumulation, layout.global_batch) == (4, 4, 32)
+
+
+def test_collate_masks_an_episodes_observation_tokens_out_of_the_response_but_attends_to_them() -> None:
+    result = GenerationResult(
+        ["p"], ["r"], [[5, 6]], [[7, 8, 9, 10]], [[-0.5, 0.0, 0.0, -0.25]], [True], loss_mask=[[1, 0, 0, 1]]
+    )
+    batch = collate(result, pad_id=0)
+    assert batch.response_mask.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1]]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]

@@ -6,7 +6,8 @@ checkpoint read nothing else of a rollout, so a backend can change without touch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class GenerationRequest:
     top_p: float = 1.0
     max_prompt_tokens: int = 256
     seed: int = 0
+    # The prompts' records (one per prompt), from which an environment builds each episode.
+    records: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -28,6 +31,13 @@ class GenerationResult:
 
     `response_logprobs` are the behaviour log-probs of each generated token under the
     rollout engine's weights at sampling time (temperature-scaled logits, as sampled).
+
+    A multi-turn episode's response interleaves the model's turns with the environment's
+    observations; `loss_mask` (None for single-turn rollouts: every token is the model's) is 1 on
+    the model's tokens and 0 on the observations', whose log-probs are 0 placeholders. The episode
+    fields are None unless an environment ran: `episode_rewards` (the sum of step rewards, 0 for a
+    failed episode), `turns`, `truncated` (cut by a token limit) and `episode_errors` (why an
+    episode failed, None where it did not).
     """
 
     prompts: list[str]
@@ -36,28 +46,62 @@ class GenerationResult:
     response_ids: list[list[int]]
     response_logprobs: list[list[float]]
     finished: list[bool]
+    loss_mask: list[list[int]] | None = None
+    episode_rewards: list[float] | None = None
+    turns: list[int] | None = None
+    truncated: list[bool] | None = None
+    episode_errors: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.responses)
+
+    def loss_masks(self) -> list[list[int]]:
+        """The per-token loss mask of every row (all ones where the rollout had no environment)."""
+        if self.loss_mask is not None:
+            return self.loss_mask
+        return [[1] * len(r) for r in self.response_ids]
 
 
 def merge_results(results: list[GenerationResult]) -> GenerationResult:
     """Concatenate the results of several rollout replicas, keeping prompt groups intact."""
     if len(results) == 1:
         return results[0]
-    return GenerationResult(
-        prompts=[p for r in results for p in r.prompts],
-        responses=[p for r in results for p in r.responses],
-        prompt_ids=[p for r in results for p in r.prompt_ids],
-        response_ids=[p for r in results for p in r.response_ids],
-        response_logprobs=[p for r in results for p in r.response_logprobs],
-        finished=[f for r in results for f in r.finished],
-    )
+    merged: dict[str, Any] = {}
+    for f in fields(GenerationResult):
+        columns = [getattr(r, f.name) for r in results]
+        # An optional column is present in all results or in none (all engines run the same spec).
+        merged[f.name] = None if columns[0] is None else [x for column in columns for x in column]
+    return GenerationResult(**merged)
 
 
 def summarize(result: GenerationResult) -> dict[str, int]:
-    """What the driver learns of a rollout without fetching it."""
-    return {"rows": len(result), "response_tokens": sum(len(r) for r in result.response_ids)}
+    """What the driver learns of a rollout without fetching it (episode counts only with an
+    environment: turns summed and their maximum, observation tokens, failed and truncated episodes)."""
+    summary = {"rows": len(result), "response_tokens": sum(len(r) for r in result.response_ids)}
+    if result.turns is not None:
+        masks = result.loss_masks()
+        summary.update(
+            turns=sum(result.turns),
+            turns_max=max(result.turns, default=0),
+            observation_tokens=sum(len(m) - sum(m) for m in masks),
+            episodes_failed=sum(e is not None for e in result.episode_errors or []),
+            episodes_truncated=sum(result.truncated or []),
+        )
+    return summary
+
+
+def episode_metrics(summaries: list[dict[str, int]]) -> dict[str, float]:
+    """A step's episode statistics from its engines' summaries ({} for single-turn rollouts)."""
+    if not summaries or "turns" not in summaries[0]:
+        return {}
+    rows = max(1, sum(s["rows"] for s in summaries))
+    return {
+        "turns_mean": sum(s["turns"] for s in summaries) / rows,
+        "turns_max": float(max(s["turns_max"] for s in summaries)),
+        "observation_tokens_mean": sum(s["observation_tokens"] for s in summaries) / rows,
+        "episodes_failed": float(sum(s["episodes_failed"] for s in summaries)),
+        "episodes_truncated": float(sum(s["episodes_truncated"] for s in summaries)),
+    }
 
 
 def shard(rows: int, rank: int, world: int) -> slice:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from kuberlhf import placement, topology
 from kuberlhf.api import RLHFJob, RLHFJobSpec, steps_to_train
 from kuberlhf.jobrefs import FINAL
-from kuberlhf_workers.base.samples import summarize
+from kuberlhf_workers.base.samples import episode_metrics, summarize
 from kuberlhf_workers.control import checkpoint as ckpt
 from kuberlhf_workers.control.evaluation import evaluate
 from kuberlhf_workers.control.faults import (
@@ -226,23 +226,11 @@ class Driver:
         pending, summaries = self._rollout(step)
         records, rollout_refs = pending.records, pending.refs
         t_rollout = time.perf_counter()
-        reward = self.spec.online_reward()
         rows = len(records) * self.spec.rollout.samples_per_prompt
-        # Every reward replica scores its share of the rows (the trainers concatenate the shares).
-        spp, replicas = self.spec.rollout.samples_per_prompt, len(self.rewards)
-        reward_refs = [w.score(rollout_refs, records, spp, i, replicas) for i, w in enumerate(self.rewards)]
         ref_refs = [r.logprobs(rollout_refs, i, len(self.references)) for i, r in enumerate(self.references)]
         value_refs = [c.values(rollout_refs) for c in self.critics]
-        wait_all(
-            [
-                (f"{describe_reward(reward)} ({w.label})", ref)
-                for w, ref in zip(self.rewards, reward_refs, strict=True)
-            ],
-            reward_budget_s(reward, rows),
-            f"scoring step {step + 1} with the {describe_reward(reward)}",
-            f"spec.reward.timeoutSeconds is {reward.timeout_seconds:g}s with maxRetries "
-            f"{reward.max_retries}: make the reward faster or raise them",
-        )
+        # With spec.environment the episodes carry their rewards: there are no reward workers.
+        reward_refs = self._score(step, records, rollout_refs) if self.spec.environment is None else []
         wait_ready(
             [*ref_refs, *value_refs],
             self.step_timeout,
@@ -283,6 +271,7 @@ class Driver:
             policy_lag=step - pending.weights_step,
             rollout_restarts=self.weight_sync.restarts - restarts_before,
             rollout_tokens=sum(s["response_tokens"] for s in summaries),
+            **episode_metrics(summaries),
         )
         return metrics
 
@@ -294,6 +283,24 @@ class Driver:
         every = self.spec.eval.every_steps
         due = step == self.total_steps or (every is not None and step % every == 0)
         return bool(self.eval_records) and due
+
+    def _score(self, step: int, records: list[dict[str, Any]], rollout_refs: list[Any]) -> list[Any]:
+        """Every reward replica scores its share of the rows (the trainers concatenate the shares)."""
+        reward = self.spec.online_reward()
+        rows = len(records) * self.spec.rollout.samples_per_prompt
+        spp, replicas = self.spec.rollout.samples_per_prompt, len(self.rewards)
+        reward_refs = [w.score(rollout_refs, records, spp, i, replicas) for i, w in enumerate(self.rewards)]
+        wait_all(
+            [
+                (f"{describe_reward(reward)} ({w.label})", ref)
+                for w, ref in zip(self.rewards, reward_refs, strict=True)
+            ],
+            reward_budget_s(reward, rows),
+            f"scoring step {step + 1} with the {describe_reward(reward)}",
+            f"spec.reward.timeoutSeconds is {reward.timeout_seconds:g}s with maxRetries "
+            f"{reward.max_retries}: make the reward faster or raise them",
+        )
+        return reward_refs
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ def generation_requests(
             top_p=spec.rollout.top_p,
             max_prompt_tokens=spec.data.max_prompt_tokens,
             seed=rollout_seed(spec.seed, step, i),
+            records=tuple(part) if spec.environment is not None else (),
         )
         for i, part in enumerate(split_prompts(records, engines))
     ]

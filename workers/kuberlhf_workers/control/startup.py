@@ -81,7 +81,7 @@ def start_workers(
         RolloutWorker,
         rollout_seats,
         placements,
-        lambda i: (spec, actor_ref, rollout_seats[i].gpus, threads),
+        lambda i: (spec, actor_ref, rollout_seats[i].gpus, threads, str(spec_dir)),
         lambda actor, i: RolloutHandle(actor, f"rollout engine {i}"),
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
+from kuberlhf_workers.rollout.episodes import Turn
 
 
 class HFBackend:
@@ -43,6 +44,18 @@ class HFBackend:
         n = request.samples_per_prompt
         input_ids = enc["input_ids"].repeat_interleave(n, dim=0)
         attention = enc["attention_mask"].repeat_interleave(n, dim=0)
+        torch.manual_seed(request.seed)
+        generated, logps = self._sample(input_ids, attention, request.max_new_tokens, request)
+        return self._result(request, enc["attention_mask"], input_ids, generated, logps)
+
+    def _sample(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        max_new_tokens: int,
+        request: GenerationRequest,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids after the (left-padded) inputs and their behaviour log-probs, on the CPU."""
         greedy = request.temperature <= 0
         sampling: dict[str, Any] = (
             {"do_sample": False}
@@ -54,23 +67,52 @@ class HFBackend:
                 "top_k": 0,
             }
         )
-        torch.manual_seed(request.seed)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 return_dict_in_generate=True,
                 output_scores=True,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 **sampling,
             )
-        prompt_len = input_ids.shape[1]
-        generated = out.sequences[:, prompt_len:]
+        generated = out.sequences[:, input_ids.shape[1] :]
         scores = torch.stack(out.scores, dim=1).float()  # [B, T, V], temperature / top-p applied
         logps = scores.log_softmax(-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1).cpu()
-        return self._result(request, enc["attention_mask"], input_ids, generated.cpu(), logps)
+        return generated.cpu(), logps
+
+    # -- token-level turns (multi-turn episodes, rollout.episodes) --------------------------------
+
+    def encode_prompt(self, text: str, max_tokens: int) -> list[int]:
+        ids: list[int] = self.tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+        return ids
+
+    def encode_observation(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def sample_turns(
+        self, contexts: list[list[int]], max_new_tokens: list[int], request: GenerationRequest, seed: int
+    ) -> list[Turn]:
+        width = max(len(c) for c in contexts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], dtype=torch.long)
+        torch.manual_seed(seed)
+        generated, logps = self._sample(
+            input_ids.to(self.device), attention.to(self.device), max(max_new_tokens), request
+        )
+        eos = self.tokenizer.eos_token_id
+        turns = []
+        for row, row_logps, budget in zip(generated.tolist(), logps.tolist(), max_new_tokens, strict=True):
+            length = min(row.index(eos) + 1 if eos in row else len(row), budget)
+            turns.append(Turn(row[:length], row_logps[:length]))
+        return turns
 
     def _result(
         self,

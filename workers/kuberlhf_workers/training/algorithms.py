@@ -99,27 +99,33 @@ def group_advantages(rewards: torch.Tensor, group_size: int, algorithm: Algorith
 def gae(
     token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation; the value after the last response token is 0 (episode ends)."""
+    """Generalised advantage estimation; the value after the last response token is 0 (episode ends).
+
+    Masked-out tokens (padding, a multi-turn episode's observations) are skipped, not treated as
+    steps: the next state of a model token is the next model token, however many observation
+    tokens lie between them."""
     rewards, values = token_rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
-    length = rewards.shape[1]
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+    next_value = torch.zeros_like(running)
+    for t in reversed(range(rewards.shape[1])):
+        step = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
+        running = torch.where(step, delta + gamma * lam * running, running)
+        next_value = torch.where(step, values[:, t], next_value)
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = r_t + gamma * G_{t+1} over the response (REINFORCE++'s critic-free return)."""
+    """G_t = r_t + gamma * G_{t+1} over the response's model tokens (REINFORCE++'s critic-free
+    return); masked-out tokens are skipped, as in `gae`."""
     rewards = token_rewards * mask
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 

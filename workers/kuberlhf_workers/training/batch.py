@@ -2,7 +2,9 @@
 
 Prompts are left-padded and responses right-padded, so every response starts at the same
 column `prompt_len`: the log-prob of response token t comes from the logits at column
-`prompt_len + t - 1`, for every row, with one slice and no per-row indexing.
+`prompt_len + t - 1`, for every row, with one slice and no per-row indexing. A multi-turn
+episode's response is one contiguous stretch too; the response mask (its loss mask) is what
+leaves its observation tokens out of every loss.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, P+T]
     attention_mask: torch.Tensor  # [B, P+T]
     position_ids: torch.Tensor  # [B, P+T]
-    response_mask: torch.Tensor  # [B, T] float, 1 on real response tokens
+    response_mask: torch.Tensor  # [B, T] float, 1 on the model's response tokens (0: padding, observations)
     behaviour_logp: torch.Tensor  # [B, T] log-probs under the rollout weights at sampling time
     prompt_len: int
 
@@ -48,16 +50,16 @@ def collate(result: GenerationResult, pad_id: int) -> Batch:
     attention = torch.zeros((rows, prompt_len + response_len), dtype=torch.long)
     response_mask = torch.zeros((rows, response_len), dtype=torch.float32)
     behaviour = torch.zeros((rows, response_len), dtype=torch.float32)
-    for i, (prompt, response, logp) in enumerate(
-        zip(result.prompt_ids, result.response_ids, result.response_logprobs, strict=True)
-    ):
+    columns = (result.prompt_ids, result.response_ids, result.response_logprobs, result.loss_masks())
+    for i, (prompt, response, logp, loss_mask) in enumerate(zip(*columns, strict=True)):
         start = prompt_len - len(prompt)
         input_ids[i, start:prompt_len] = torch.tensor(prompt, dtype=torch.long)
         attention[i, start:prompt_len] = 1
         if response:
             input_ids[i, prompt_len : prompt_len + len(response)] = torch.tensor(response, dtype=torch.long)
             attention[i, prompt_len : prompt_len + len(response)] = 1
-            response_mask[i, : len(response)] = 1.0
+            # 0 on an episode's observations: they are attended to but never trained on.
+            response_mask[i, : len(response)] = torch.tensor(loss_mask, dtype=torch.float32)
             behaviour[i, : len(logp)] = torch.tensor(logp, dtype=torch.float32)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     return Batch(input_ids, attention, position_ids, response_mask, behaviour, prompt_len)

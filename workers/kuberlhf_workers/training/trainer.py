@@ -78,8 +78,13 @@ class TrainerWorker:
     ) -> Experience:
         import ray
 
-        batch = collate(merge_results(ray.get(rollout_refs)), self.pad_id)
-        rewards = [score for part in ray.get(reward_refs) for score in part]  # each replica's share, in order
+        result = merge_results(ray.get(rollout_refs))
+        batch = collate(result, self.pad_id)
+        if result.episode_rewards is not None:  # spec.environment scored its episodes
+            rewards = result.episode_rewards
+        else:
+            # Each reward replica's share, in row order.
+            rewards = [score for part in ray.get(reward_refs) for score in part]
         reward_tensor = torch.as_tensor(rewards, dtype=torch.float32)
         ref_logp = torch.cat(ray.get(ref_refs)) if ref_refs else None
         values = torch.cat(ray.get(value_refs)) if value_refs else None

@@ -1,0 +1,85 @@
+"""Multi-turn agent RL end to end (local Ray, hf episodes, DeepSpeed on CPU): the reward of
+multi-turn episodes rises, and a faulty environment fails the step naming itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from run_specs import job_dict, load
+
+from kuberlhf_workers.control.faults import StepFailed
+from kuberlhf_workers.control.metrics import JsonlWriter
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ENVS = '''
+class Digits:
+    """Three turns, each rewarded with the share of digits in the model's turn."""
+    max_turns = 3
+
+    def __init__(self, record):
+        self.turn = 0
+
+    def reset(self):
+        return "\\n"
+
+    async def step(self, action):
+        self.turn += 1
+        text = action.strip()
+        reward = sum(c.isdigit() for c in text) / max(len(text), 1)
+        return " next:\\n", reward, self.turn == 3
+
+
+class Broken(Digits):
+    def step(self, action):
+        raise ConnectionError("sandbox unreachable")
+'''
+
+
+def write_agent_spec(folder: Path, model_dir: Path, env_class: str, **spec: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "envs.py").write_text(ENVS)
+    job = job_dict(model_dir, environment={"class": env_class, "maxTokens": 48, "timeoutSeconds": 10}, **spec)
+    del job["spec"]["reward"]
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_a_multi_turn_run_raises_the_episode_reward_and_reports_its_turns(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    spec = write_agent_spec(tmp_path, tiny_model_dir, "envs.py:Digits", data={"maxNewTokens": 8},
+                            schedule={"steps": 8})
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    outcome = Driver(load(spec), tmp_path, tmp_path / "out", callbacks=[JsonlWriter(metrics)]).run()
+
+    assert outcome.status == "completed" and outcome.step == 8
+    rewards = [h["reward_mean"] for h in outcome.history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.04, f"episode reward did not rise: {rewards}"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["turns_mean"] for line in lines] == [3.0] * 8
+    assert {line["turns_max"] for line in lines} == {3}
+    # " next:\n" after turns 1 and 2 of every episode, never trained on.
+    assert all(line["observation_tokens_mean"] > 0 for line in lines)
+    assert all(line["episodes_failed"] == 0 for line in lines)
+
+
+def test_a_step_whose_episodes_fail_beyond_max_failed_share_fails_naming_the_environment(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    spec = write_agent_spec(tmp_path, tiny_model_dir, "envs.py:Broken", schedule={"steps": 2})
+    with pytest.raises(StepFailed) as caught:
+        Driver(load(spec), tmp_path, tmp_path / "out").run()
+    assert str(caught.value).startswith(
+        "step 1/2: EnvironmentFailed: spec.environment.class 'envs.py:Broken': 32 of 32 episodes failed, "
+        "more than maxFailedShare 0.5; first error: Broken.step() raised ConnectionError: sandbox unreachable"
+    )
