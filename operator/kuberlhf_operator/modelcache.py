@@ -39,6 +39,9 @@ BYTES_PER_PARAMETER = 2
 MARGIN = 1.5
 # Tokenizer and config files are megabytes; a volume is sized in whole GiB.
 TOKENIZER_GIB = 1
+# A hub model whose name states no size (and no model.size): about a 13B model's bf16 weights.
+# A guess, said in the docs; spec.modelCache.size sets the real size.
+UNKNOWN_MODEL_GIB = 40
 
 ModelField = tuple[str, str]  # (the spec field, the model reference)
 
@@ -124,20 +127,12 @@ def _parameters(spec: RLHFJobSpec, field: str, ref: str) -> float | None:
     return shape.parameters if shape.known else None
 
 
-def _size_problems(spec: RLHFJobSpec, models: PodModels) -> list[str]:
-    problems = []
-    for field, ref in models.weights:
-        if _parameters(spec, field, ref) is None:
-            also = "spec.model.size or " if field == "spec.model.actor" else ""
-            problems.append(f"spec.modelCache.size: the size of {field} {ref!r} is unknown (its name states "
-                            f"no parameter count such as 8B): set {also}spec.modelCache.size")
-    return problems
-
-
 def estimated_size(spec: RLHFJobSpec, models: PodModels) -> str:
     """The cache a set of models needs: their bf16 weights with a margin, plus the tokenizers, in Gi."""
-    weights = sum(_parameters(spec, field, ref) or 0.0 for field, ref in models.weights)
-    gib = math.ceil(weights * BYTES_PER_PARAMETER * MARGIN / 2**30) + TOKENIZER_GIB * len(models.tokenizers)
+    known = [p for field, ref in models.weights if (p := _parameters(spec, field, ref)) is not None]
+    unknown = len(models.weights) - len(known)
+    gib = (math.ceil(sum(known) * BYTES_PER_PARAMETER * MARGIN / 2**30) + UNKNOWN_MODEL_GIB * unknown
+           + TOKENIZER_GIB * len(models.tokenizers))
     return f"{max(gib, TOKENIZER_GIB)}Gi"
 
 
@@ -147,17 +142,12 @@ def _creates_claim(job: RLHFJob) -> bool:
 
 
 def model_cache_problems(job: RLHFJob) -> list[str]:
-    """What keeps the cache from being built: a size nobody can work out, or a contradiction."""
-    cache, spec = job.spec.model_cache, job.spec
+    """What keeps the cache from being built: a contradiction (a size nobody states is guessed)."""
+    cache = job.spec.model_cache
     if cache.volume == "perPod" and cache.claim_name is not None:
         return ["spec.modelCache.claimName: perPod volumes are new for each pod; remove claimName or set "
                 "modelCache.volume: shared"]
-    if cache.size is not None or cache.claim_name is not None:
-        return []
-    if cache.volume == "shared":
-        return _size_problems(spec, _all_models(spec))
-    found = [p for g in model_groups(spec) for p in _size_problems(spec, pod_models(spec, g))]
-    return list(dict.fromkeys(found))
+    return []
 
 
 def build_model_cache_pvc(job: RLHFJob, namespace: str) -> dict[str, Any] | None:

@@ -152,13 +152,6 @@ def test_per_pod_volumes_are_sized_for_each_pods_own_models_and_the_head_gets_no
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
-    ({"model": {"actor": "acme/policy"}},
-     "spec.modelCache.size: the size of spec.model.actor 'acme/policy' is unknown (its name states no "
-     "parameter count such as 8B): set spec.model.size or spec.modelCache.size"),
-    ({"model": {"actor": "builtin:tiny"}, "reward": {"model": "acme/scorer"},
-      "modelCache": {"volume": "perPod"}},
-     "spec.modelCache.size: the size of spec.reward.model 'acme/scorer' is unknown (its name states no "
-     "parameter count such as 8B): set spec.modelCache.size"),
     ({"model": {"actor": "acme/policy-7B"}, "modelCache": {"volume": "perPod", "claimName": "team-models"}},
      "spec.modelCache.claimName: perPod volumes are new for each pod; remove claimName or set "
      "modelCache.volume: shared"),
@@ -173,8 +166,10 @@ def test_a_cache_that_cannot_be_built_is_a_spec_error_naming_the_fix(spec: dict[
     assert refused.value.problems == [problem]
 
 
-def test_an_unknown_size_is_fine_when_the_size_or_a_claim_is_given() -> None:
-    assert claims(job(model={"actor": "acme/policy"}, modelCache={"size": "40Gi"}))["tiny-grpo-models"]
+def test_a_model_of_unknown_size_gets_a_stated_guess_unless_the_size_or_a_claim_is_given() -> None:
+    guessed = claims(job(model={"actor": "acme/policy"}))["tiny-grpo-models"]
+    assert guessed["spec"]["resources"]["requests"]["storage"] == "40Gi"
+    assert claims(job(model={"actor": "acme/policy"}, modelCache={"size": "80Gi"}))["tiny-grpo-models"]
     assert cached_roles(job(model={"actor": "acme/policy"}, modelCache={"claimName": "team-models"}))
 
 
