@@ -47,7 +47,8 @@ def toy_prompts(seed: int = 0, size: int = TOY_SIZE) -> list[dict[str, Any]]:
     return records
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, field: str = FIELD) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; a bad line is an error naming `field`, the file and the line."""
     records = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -56,9 +57,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{FIELD}: {path} line {number} is not valid JSON ({exc.msg})") from None
+                raise ValueError(f"{field}: {path} line {number} is not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{FIELD}: {path} line {number} must be a JSON object, got {record!r:.60}")
+                raise ValueError(f"{field}: {path} line {number} must be a JSON object, got {record!r:.60}")
             records.append(record)
     return records
 
@@ -115,7 +116,7 @@ def load_prompts(
         path = spec_dir / path
     if not path.is_file():
         raise ValueError(f"{FIELD}: prompt file {path} does not exist (relative paths start at {spec_dir})")
-    records = _read_jsonl(path) if suffix == ".jsonl" else _read_parquet(path)
+    records = read_jsonl(path) if suffix == ".jsonl" else _read_parquet(path)
     return _normalise(records, data.prompt_key, str(path), chat)
 
 

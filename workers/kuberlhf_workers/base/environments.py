@@ -10,24 +10,19 @@ engine, and a hung call is abandoned rather than waited for (a thread cannot be 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import inspect
-import itertools
 import math
 import numbers
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kuberlhf.files import find_spec_file
+from kuberlhf_workers.base.userfiles import load_target
 
 FIELD = "spec.environment.class"
 DEFAULT_MAX_TURNS = 4
-_module_ids = itertools.count()
 
 Step = tuple[str | None, float, bool]
 
@@ -36,44 +31,9 @@ class EpisodeFailed(RuntimeError):
     """One episode's environment raised, timed out or returned something malformed."""
 
 
-def _load_file(path: Path) -> Any:
-    # A fresh module name per load: two specs may both ship an "env.py".
-    name = f"kuberlhf_env_{path.stem}_{next(_module_ids)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"{FIELD}: cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    if str(path.parent) not in sys.path:
-        sys.path.append(str(path.parent))  # let the file import helpers that sit next to it
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise ValueError(f"{FIELD}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return module
-
-
 def load_environment_class(ref: str, spec_dir: Path) -> type:
     """Load "file.py:ClassName" (relative to the spec file's folder, then sys.path) or "module:ClassName"."""
-    target, sep, attr = ref.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"{FIELD}: expected 'file.py:ClassName' or 'module:ClassName', got {ref!r}")
-    if target.endswith(".py"):
-        path = find_spec_file(Path(target).expanduser(), spec_dir)
-        if path is None:
-            raise ValueError(
-                f"{FIELD}: file {target} does not exist (relative paths start at {spec_dir}, then "
-                "sys.path); in a cluster, ship it in the worker image on PYTHONPATH or use 'module:ClassName'"
-            )
-        module, where = _load_file(path), str(path)
-    else:
-        try:
-            module, where = importlib.import_module(target), f"module {target!r}"
-        except Exception as exc:
-            raise ValueError(
-                f"{FIELD}: cannot import module {target!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+    module, attr, where = load_target(ref, spec_dir, FIELD, "ClassName")
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         classes = sorted(n for n, v in vars(module).items() if isinstance(v, type) and not n.startswith("_"))

@@ -14,11 +14,12 @@ Prompts and responses are strings or lists of {"role", "content"} messages.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from kuberlhf_workers.base.data import read_jsonl
 
 Message = dict[str, str]
 Text = str | list[Message]
@@ -53,18 +54,7 @@ def read_records(path: Path, field: str) -> list[dict[str, Any]]:
         raise ValueError(f"{field}: {path} must be a .jsonl file (one JSON object per line)")
     if not path.is_file():
         raise ValueError(f"{field}: {path} does not exist (relative paths start at the spec's folder)")
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{field}: {path} line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{field}: {path} line {number} must be a JSON object")
-            records.append(record)
+    records = read_jsonl(path, field)
     if not records:
         raise ValueError(f"{field}: {path} holds no records")
     return records

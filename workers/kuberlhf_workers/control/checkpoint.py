@@ -100,6 +100,19 @@ def resume_problem(directory: Path, state: TrainingState, mine: JobIdentity) -> 
     return None
 
 
+def resumable(root: Path, resume: bool, mine: JobIdentity) -> tuple[Path, TrainingState] | None:
+    """The newest checkpoint under `root` to resume and its state (None: none, or resume is off);
+    a ValueError when it is another job's or the spec changed what is trained."""
+    directory = latest(root) if resume else None
+    if directory is None:
+        return None
+    state = read_state(directory)
+    problem = resume_problem(directory, state, mine)
+    if problem is not None:
+        raise ValueError(problem)
+    return directory, state
+
+
 def resolve_root(path: str | None, output_dir: Path) -> Path:
     """Where checkpoints go: `spec.checkpoint.path` when set (relative to the run's output folder
     unless absolute), else `<output>/checkpoints` — so nothing lands outside the output folder

@@ -353,14 +353,7 @@ class Driver:
     def _resumable(self) -> tuple[Path, ckpt.TrainingState] | None:
         """The newest checkpoint to resume and its state; a ValueError when it is another job's
         (or the spec changed what is trained), so a run never continues someone else's weights."""
-        directory = ckpt.latest(self.ckpt_root) if self.resume else None
-        if directory is None:
-            return None
-        state = ckpt.read_state(directory)
-        problem = ckpt.resume_problem(directory, state, self.identity)
-        if problem is not None:
-            raise ValueError(problem)
-        return directory, state
+        return ckpt.resumable(self.ckpt_root, self.resume, self.identity)
 
     def _finished_checkpoint(self) -> tuple[int, str] | None:
         """(step, path) of this job's newest checkpoint when it already covers every step to train."""

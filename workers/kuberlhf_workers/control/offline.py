@@ -191,14 +191,7 @@ class OfflineDriver:
         return self.last_checkpoint
 
     def _resumable(self) -> tuple[Path, ckpt.TrainingState] | None:
-        directory = ckpt.latest(self.ckpt_root) if self.resume else None
-        if directory is None:
-            return None
-        state = ckpt.read_state(directory)
-        problem = ckpt.resume_problem(directory, state, self.identity)
-        if problem is not None:
-            raise ValueError(problem)
-        return directory, state
+        return ckpt.resumable(self.ckpt_root, self.resume, self.identity)
 
     def _restore(self) -> int:
         found = self._resumable()

@@ -11,80 +11,28 @@ lives in a module other processes cannot import, so it should not be pickled acr
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import itertools
 import math
 import numbers
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kuberlhf.api import RewardSource, RewardSpec
-from kuberlhf.files import find_spec_file
+from kuberlhf_workers.base.userfiles import load_target
 from kuberlhf_workers.rewards.client import BATCH_SIZE, CONCURRENCY, MAX_BACKOFF_S, RewardClient
 
 RewardFn = Callable[..., list[float]]
 FIELD = "spec.reward.function"
-_module_ids = itertools.count()
 
 
 class RewardFunctionError(RuntimeError):
     """The reward function failed or returned something training cannot use."""
 
 
-def _load_file(path: Path) -> Any:
-    # A fresh module name per load: two specs may both ship a "reward.py".
-    name = f"kuberlhf_reward_{path.stem}_{next(_module_ids)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"{FIELD}: cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    if str(path.parent) not in sys.path:
-        sys.path.append(str(path.parent))  # let the file import helpers that sit next to it
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise ValueError(f"{FIELD}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return module
-
-
-def _load_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(
-            f"{FIELD}: cannot import module {name!r} ({exc}); install it in the worker image, "
-            "or point at a file with 'file.py:fn'"
-        ) from exc
-    except Exception as exc:
-        raise ValueError(f"{FIELD}: importing {name!r} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _find_file(path: Path, spec_dir: Path) -> Path:
-    found = find_spec_file(path, spec_dir)
-    if found is None:
-        raise ValueError(
-            f"{FIELD}: file {path} does not exist (relative paths start at {spec_dir}, then sys.path); "
-            "in a cluster, ship it in the worker image on PYTHONPATH or use 'module:fn'"
-        )
-    return found
-
-
 def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:
     """Load "file.py:fn" (relative to the spec file's directory) or "package.module:fn"."""
-    target, sep, attr = ref.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"{FIELD}: expected 'file.py:function' or 'module:function', got {ref!r}")
-    if target.endswith(".py"):
-        path = _find_file(Path(target).expanduser(), spec_dir)
-        module, where = _load_file(path), str(path)
-    else:
-        module, where = _load_module(target), f"module {target!r}"
+    module, attr, where = load_target(ref, spec_dir, FIELD, "function")
     if not hasattr(module, attr):
         defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise ValueError(f"{FIELD}: {where} has no function {attr!r} (callables defined there: {defined})")
