@@ -116,7 +116,15 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
             "kl": st.fixed_dictionaries({"coef": st.sampled_from([0.0, 0.01])}),
             "placement": st.sampled_from(["separate", "colocate"]),
         },
-        optional={"critic": st.just({"replicas": 1})},
+        optional={
+            "critic": st.just({"replicas": 1}),
+            "data": st.fixed_dictionaries(
+                {}, optional={"prompts": st.sampled_from(["builtin:toy", "p.jsonl"]),
+                              "promptMix": st.just([{"path": "a.jsonl", "weight": 0.7}])},
+            ),
+            "tracking": st.fixed_dictionaries({}, optional={"mlflow": st.fixed_dictionaries({"uri": st.sampled_from(
+                ["https://mlflow.example", "https://user:pw@mlflow.example/", "file:mlruns", "http://h/a@b"])})}),
+        },
     )
 
 
