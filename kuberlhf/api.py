@@ -511,13 +511,15 @@ class MlflowSpec(_Model):
 
     # Bounded, so the API server's cost estimate of the CEL rule that reads it stays small.
     uri: str = Field(
-        ..., min_length=1, max_length=2048, description="Tracking URI: http(s)://host of a tracking server, or a file: store "
-        "(a relative file: path is relative to the run's output folder). Credentials never go in it: use "
-        "tokenSecretRef.",
+        ..., min_length=1, max_length=2048, description="Tracking URI: http(s)://host of a tracking server, "
+        "or a file: store (a relative file: path is relative to the run's output folder). Credentials never "
+        "go in it: use tokenSecretRef.",
     )
     experiment: str = Field("kuberlhf", min_length=1, description="Experiment the run is logged in "
                             "(created when missing).")
-    run_name: str | None = Field(None, min_length=1, description="Name of the MLflow run; default: the job's name.")
+    run_name: str | None = Field(
+        None, min_length=1, description="Name of the MLflow run; default: the job's name."
+    )
     token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a bearer token for the tracking server, given to the driver "
         "only (MLFLOW_TRACKING_TOKEN on the head container).",
@@ -790,7 +792,8 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         field="spec.tracking.mlflow.uri",
         message="the URI holds credentials (user:password@), which the spec, the ConfigMap and the logs "
         "would show: remove them and put a token in a Secret named by tracking.mlflow.tokenSecretRef",
-        holds=lambda s: s.tracking.mlflow is None or re.search(_CREDENTIALS_IN_URI, s.tracking.mlflow.uri) is None,
+        holds=lambda s: s.tracking.mlflow is None
+        or re.search(_CREDENTIALS_IN_URI, s.tracking.mlflow.uri) is None,
     ),
     CrossFieldRule(
         cel="!has(self.kl.target) || self.kl.coef > 0.0",

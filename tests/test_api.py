@@ -284,8 +284,8 @@ def test_an_environment_on_the_vllm_engine_or_an_offline_algorithm_is_refused_na
 
 def test_a_prompt_mix_validates_with_its_weights_and_the_per_source_cap() -> None:
     obj = sample()
-    obj["spec"]["data"] = {"promptMix": [{"path": "a.jsonl", "weight": 0.7}, {"path": "builtin:toy", "weight": 3}],
-                           "maxSamples": 100}
+    mix = [{"path": "a.jsonl", "weight": 0.7}, {"path": "builtin:toy", "weight": 3}]
+    obj["spec"]["data"] = {"promptMix": mix, "maxSamples": 100}
     data = api.parse_job(obj).spec.data
     assert [(s.path, s.weight) for s in data.prompt_mix or []] == [("a.jsonl", 0.7), ("builtin:toy", 3.0)]
     assert data.max_samples == 100
@@ -295,8 +295,8 @@ def test_a_prompt_mix_validates_with_its_weights_and_the_per_source_cap() -> Non
     ("data", "field", "hint"),
     [
         ({"promptMix": [{"path": "a.jsonl", "weight": 0}]}, "spec.data.promptMix.0.weight", "greater than 0"),
-        ({"promptMix": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}]}, "spec.data.promptMix.1.weight",
-         "required field is missing"),
+        ({"promptMix": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}]},
+         "spec.data.promptMix.1.weight", "required field is missing"),
         ({"promptMix": [{"path": "", "weight": 1}]}, "spec.data.promptMix.0.path", "at least 1 character"),
         ({"promptMix": []}, "spec.data.promptMix", "at least 1 item"),
         ({"promptMix": [{"path": "a.jsonl", "weight": 1}], "prompts": "p.jsonl"}, "spec.data.promptMix",

@@ -86,6 +86,9 @@ def test_defaults_reach_nested_fields() -> None:
     assert "default" not in spec["properties"]["critic"]
 
 
+URIS = st.sampled_from(["https://mlflow.example", "https://user:pw@mlflow.example/", "file:mlruns", "http://h/a@b"])
+
+
 def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
     gpus = st.integers(0, 4)
     return st.fixed_dictionaries(
@@ -122,8 +125,7 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
                 {}, optional={"prompts": st.sampled_from(["builtin:toy", "p.jsonl"]),
                               "promptMix": st.just([{"path": "a.jsonl", "weight": 0.7}])},
             ),
-            "tracking": st.fixed_dictionaries({}, optional={"mlflow": st.fixed_dictionaries({"uri": st.sampled_from(
-                ["https://mlflow.example", "https://user:pw@mlflow.example/", "file:mlruns", "http://h/a@b"])})}),
+            "tracking": st.fixed_dictionaries({}, optional={"mlflow": st.fixed_dictionaries({"uri": URIS})}),
         },
     )
 
