@@ -89,7 +89,8 @@ def test_a_mix_refuses_the_state_of_another_prompt_set() -> None:
 
 def test_open_prompts_mixes_files_and_builtin_sources_each_capped_at_max_samples(tmp_path: Path) -> None:
     _write(tmp_path / "a.jsonl", "a", 100)
-    data = _data(promptMix=[{"path": "a.jsonl", "weight": 1}, {"path": "builtin:toy", "weight": 1}], maxSamples=7)
+    mix_spec = [{"path": "a.jsonl", "weight": 1}, {"path": "builtin:toy", "weight": 1}]
+    data = _data(promptMix=mix_spec, maxSamples=7)
     mix = open_prompts(data, tmp_path, seed=1)
     assert len(mix) == 14
     drawn = {r["prompt"] for _ in range(20) for r in mix.next_batch(10)}
