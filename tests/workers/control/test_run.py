@@ -84,7 +84,12 @@ def test_a_tracked_run_mirrors_metrics_jsonl_into_one_mlflow_run_killed_on_ctrl_
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this test reads the file store too
+    # A prompt mix too: its sampler state goes through a real checkpoint and a real resume.
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"prompt": f"Write {n} digits:"}) + "\n"
+                                                  for n in range(2, 9)))
+    mix = [{"path": "builtin:toy", "weight": 0.75}, {"path": "extra.jsonl", "weight": 0.25}]
     spec = write_spec(tmp_path, tiny_model_dir, schedule={"steps": 50}, checkpoint={"everySteps": 100},
+                      data={"prompts": "builtin:toy", "promptMix": mix, "maxSamples": 40, "maxNewTokens": 16},
                       tracking={"mlflow": {"uri": "file:mlruns", "experiment": "tiny"}})
     run_dir = tmp_path / "runs" / "run-test"
     metrics = run_dir / "metrics.jsonl"
@@ -101,6 +106,8 @@ def test_a_tracked_run_mirrors_metrics_jsonl_into_one_mlflow_run_killed_on_ctrl_
     assert client.get_run(run_id).info.status == "KILLED"
 
     stopped_at = len(metrics.read_text().splitlines())
+    saved = json.loads((run_dir / "checkpoints" / f"step-{stopped_at:06d}" / "state.json").read_text())
+    assert saved["sampler"]["draws"] == 8 * stopped_at and {"epoch.1", "position.1"} <= set(saved["sampler"])
     code, out = _finish(_run([str(spec), "--quiet", "--max-steps", str(stopped_at + 1)], tmp_path,
                              model_cache_dir))
     assert code == 0, out
