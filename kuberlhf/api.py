@@ -222,11 +222,32 @@ class EnvironmentSpec(_Model):
     )
 
 
+class PromptSource(_Model):
+    """One source of a prompt mix (data.promptMix) and its share of the draws."""
+
+    path: str = Field(
+        ..., min_length=1, description="builtin:toy or a .jsonl / .parquet path (relative to the spec file)."
+    )
+    weight: float = Field(
+        ..., gt=0, le=1e6, description="Relative share of the prompts drawn from this source (the weights "
+        "of a mix need not sum to 1).",
+    )
+
+
 class DataSpec(_Model):
     """The prompts to train on (online algorithms), or the dataset (offline ones)."""
 
     prompts: str = Field(
         "builtin:toy", description="builtin:toy, a .jsonl / .parquet path, or a dataset id."
+    )
+    prompt_mix: list[PromptSource] | None = Field(
+        None, min_length=1, max_length=64, description="Online algorithms, instead of prompts: several "
+        "sources, each prompt drawn from one of them with probability weight / (sum of weights), seeded by "
+        "spec.seed; each source keeps its own epoch-wise order.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Online algorithms: take at most the first N records of each prompt source "
+        "(data.prompts, or each entry of data.promptMix), in file order, before shuffling.",
     )
     prompt_key: str = Field("prompt", description="Field holding the prompt text in each record.")
     max_prompt_tokens: int = Field(256, ge=1, le=131072, description="Prompts are truncated to this.")
@@ -485,6 +506,35 @@ class Toleration(_Model):
     )
 
 
+class MlflowSpec(_Model):
+    """An MLflow run mirroring metrics.jsonl: one run per job, continued when the job resumes."""
+
+    # Bounded, so the API server's cost estimate of the CEL rule that reads it stays small.
+    uri: str = Field(
+        ..., min_length=1, max_length=2048, description="Tracking URI: http(s)://host of a tracking server, "
+        "or a file: store (a relative file: path is relative to the run's output folder). Credentials never "
+        "go in it: use tokenSecretRef.",
+    )
+    experiment: str = Field("kuberlhf", min_length=1, description="Experiment the run is logged in "
+                            "(created when missing).")
+    run_name: str | None = Field(
+        None, min_length=1, description="Name of the MLflow run; default: the job's name."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret holding a bearer token for the tracking server, given to the driver "
+        "only (MLFLOW_TRACKING_TOKEN on the head container).",
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment trackers that receive every metrics row besides metrics.jsonl and TensorBoard."""
+
+    mlflow: MlflowSpec | None = Field(
+        None, description="Log params, per-step metrics and the run's end status to MLflow (the worker needs "
+        "the mlflow extra: pip install 'kuberlhf[mlflow]').",
+    )
+
+
 class RLHFJobSpec(_Model):
     """Everything needed to run one RLHF training job."""
 
@@ -512,6 +562,7 @@ class RLHFJobSpec(_Model):
     weight_sync: WeightSyncSpec = Field(default_factory=WeightSyncSpec, description="Weight transport.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Training length.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking (MLflow).")
     model_cache: ModelCacheSpec = Field(
         default_factory=ModelCacheSpec, description="Cluster storage for models downloaded from the hub."
     )
@@ -625,6 +676,8 @@ _OFFLINE_CEL = _cel_list(OFFLINE_ALGORITHMS)
 _OFFLINE_NAMES = ", ".join(OFFLINE_ALGORITHMS)
 _CRITIC_CEL = _cel_list(CRITIC_ALGORITHMS)
 _CRITIC_NAMES = " or ".join(CRITIC_ALGORITHMS)
+# scheme://user[:password]@host: RE2 (CEL's `matches`) and Python read it alike.
+_CREDENTIALS_IN_URI = "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 
 CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
@@ -727,6 +780,20 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         message="held-out prompts are scored with spec.reward; runs with spec.environment are not "
         "evaluated on them yet: remove eval.prompts",
         holds=lambda s: not ALGORITHMS[s.algorithm].online or s.eval.prompts is None or s.reward is not None,
+    ),
+    CrossFieldRule(
+        cel="!has(self.data.promptMix) || self.data.prompts == 'builtin:toy'",
+        field="spec.data.promptMix",
+        message="data.promptMix replaces data.prompts: remove data.prompts, or add it to the mix as an entry",
+        holds=lambda s: s.data.prompt_mix is None or s.data.prompts == "builtin:toy",
+    ),
+    CrossFieldRule(
+        cel=f"!has(self.tracking.mlflow) || !self.tracking.mlflow.uri.matches('{_CREDENTIALS_IN_URI}')",
+        field="spec.tracking.mlflow.uri",
+        message="the URI holds credentials (user:password@), which the spec, the ConfigMap and the logs "
+        "would show: remove them and put a token in a Secret named by tracking.mlflow.tokenSecretRef",
+        holds=lambda s: s.tracking.mlflow is None
+        or re.search(_CREDENTIALS_IN_URI, s.tracking.mlflow.uri) is None,
     ),
     CrossFieldRule(
         cel="!has(self.kl.target) || self.kl.coef > 0.0",
@@ -855,7 +922,7 @@ UNUSED_BY: dict[Program, tuple[str, ...]] = {
     "offline": (
         "rollout", "reference", "loss", "weightSync", "data.prompts", "data.promptKey",
         "data.maxPromptTokens", "data.maxNewTokens", "actor.epochs", "eval.prompts", "eval.samplesPerPrompt",
-        "eval.temperature", "eval.passThreshold",
+        "eval.temperature", "eval.passThreshold", "data.promptMix", "data.maxSamples",
     ),
     "rl": ("data.maxLength",),
 }

@@ -277,3 +277,69 @@ def test_an_environment_on_the_vllm_engine_or_an_offline_algorithm_is_refused_na
         "spec.environment: sft, rm, dpo train on data.train and run no episodes: remove spec.environment"
     )
     assert refused in problems_of(sft)
+
+
+# -- prompt mixing and tracking ---------------------------------------------------------------------
+
+
+def test_a_prompt_mix_validates_with_its_weights_and_the_per_source_cap() -> None:
+    obj = sample()
+    mix = [{"path": "a.jsonl", "weight": 0.7}, {"path": "builtin:toy", "weight": 3}]
+    obj["spec"]["data"] = {"promptMix": mix, "maxSamples": 100}
+    data = api.parse_job(obj).spec.data
+    assert [(s.path, s.weight) for s in data.prompt_mix or []] == [("a.jsonl", 0.7), ("builtin:toy", 3.0)]
+    assert data.max_samples == 100
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "hint"),
+    [
+        ({"promptMix": [{"path": "a.jsonl", "weight": 0}]}, "spec.data.promptMix.0.weight", "greater than 0"),
+        ({"promptMix": [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}]},
+         "spec.data.promptMix.1.weight", "required field is missing"),
+        ({"promptMix": [{"path": "", "weight": 1}]}, "spec.data.promptMix.0.path", "at least 1 character"),
+        ({"promptMix": []}, "spec.data.promptMix", "at least 1 item"),
+        ({"promptMix": [{"path": "a.jsonl", "weight": 1}], "prompts": "p.jsonl"}, "spec.data.promptMix",
+         "replaces data.prompts"),
+        ({"maxSamples": 0}, "spec.data.maxSamples", "greater than or equal to 1"),
+    ],
+)
+def test_a_bad_prompt_mix_names_the_field(data: dict[str, Any], field: str, hint: str) -> None:
+    obj = sample()
+    obj["spec"]["data"] = data
+    problems = problems_of(obj)
+    assert any(p.startswith(field + ":") and hint in p for p in problems), problems
+
+
+@pytest.mark.parametrize("field", ["promptMix", "maxSamples"])
+def test_prompt_mix_settings_on_an_offline_algorithm_are_errors_naming_them(field: str) -> None:
+    value = [{"path": "a.jsonl", "weight": 1}] if field == "promptMix" else 10
+    problems = problems_of(offline(data={"train": "t.jsonl", field: value}))
+    assert [p for p in problems if p.startswith(f"spec.data.{field}: ")], problems
+
+
+def test_mlflow_tracking_validates_with_defaults_and_a_token_reference() -> None:
+    obj = sample()
+    obj["spec"]["tracking"] = {"mlflow": {"uri": "https://mlflow.example",
+                                          "tokenSecretRef": {"name": "mlflow", "key": "token"}}}
+    mlflow = api.parse_job(obj).spec.tracking.mlflow
+    assert mlflow is not None and (mlflow.experiment, mlflow.run_name) == ("kuberlhf", None)
+    assert api.parse_job(sample()).spec.tracking.mlflow is None
+
+
+@pytest.mark.parametrize(
+    ("mlflow", "field", "hint"),
+    [
+        ({"uri": "https://bob:hunter2@mlflow.example"}, "spec.tracking.mlflow.uri", "tokenSecretRef"),
+        ({"uri": "https://bob@mlflow.example"}, "spec.tracking.mlflow.uri", "credentials"),
+        ({}, "spec.tracking.mlflow.uri", "required field is missing"),
+        ({"uri": "file:mlruns", "runname": "x"}, "spec.tracking.mlflow.runname", "unknown field"),
+        ({"uri": "file:mlruns", "tokenSecretRef": {"name": "s"}}, "spec.tracking.mlflow.tokenSecretRef.key",
+         "required field is missing"),
+    ],
+)
+def test_bad_mlflow_tracking_names_the_field(mlflow: dict[str, Any], field: str, hint: str) -> None:
+    obj = sample()
+    obj["spec"]["tracking"] = {"mlflow": mlflow}
+    problems = problems_of(obj)
+    assert any(p.startswith(field + ":") and hint in p for p in problems), problems

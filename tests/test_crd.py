@@ -86,6 +86,9 @@ def test_defaults_reach_nested_fields() -> None:
     assert "default" not in spec["properties"]["critic"]
 
 
+URIS = st.sampled_from(["https://mlflow.example", "https://user:pw@mlflow.example/", "file:mlruns", "http://h/a@b"])
+
+
 def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
     gpus = st.integers(0, 4)
     return st.fixed_dictionaries(
@@ -116,7 +119,14 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
             "kl": st.fixed_dictionaries({"coef": st.sampled_from([0.0, 0.01])}),
             "placement": st.sampled_from(["separate", "colocate"]),
         },
-        optional={"critic": st.just({"replicas": 1})},
+        optional={
+            "critic": st.just({"replicas": 1}),
+            "data": st.fixed_dictionaries(
+                {}, optional={"prompts": st.sampled_from(["builtin:toy", "p.jsonl"]),
+                              "promptMix": st.just([{"path": "a.jsonl", "weight": 0.7}])},
+            ),
+            "tracking": st.fixed_dictionaries({}, optional={"mlflow": st.fixed_dictionaries({"uri": URIS})}),
+        },
     )
 
 

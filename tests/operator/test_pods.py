@@ -15,6 +15,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB_REF, REWARD_REF = {"name": "hub", "key": "token"}, {"name": "reward", "key": "bearer"}
+MLFLOW_REF = {"name": "mlflow", "key": "token"}
 ROLES_WITHOUT_REWARD_GROUP = {"head", "rollout", "actor"}
 
 
@@ -34,7 +35,7 @@ def secrets_by_container(reward: dict[str, object], **spec: object) -> dict[str,
         [container] = template["spec"]["containers"]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"]
                 for e in container.get("env", []) if "valueFrom" in e}
-        assert all(ref in (HUB_REF, REWARD_REF) for ref in refs.values())
+        assert all(ref in (HUB_REF, REWARD_REF, MLFLOW_REF) for ref in refs.values())
         out[role] = set(refs)
     return out
 
@@ -66,3 +67,13 @@ def test_the_critic_and_reference_pods_get_the_hub_token_they_download_with() ->
     found = secrets_by_container({"function": "rewards/digits.py:reward"}, algorithm="ppo",
                                  kl={"coef": 0.05}, reference={"colocateWithActor": False})
     assert found["critic"] == found["reference"] == {"HF_TOKEN"}
+
+
+def test_the_mlflow_token_reaches_only_the_head_where_the_driver_logs() -> None:
+    tracking = {"mlflow": {"uri": "https://mlflow.example", "tokenSecretRef": MLFLOW_REF}}
+    found = secrets_by_container({"url": "https://rm.example/score"}, tracking=tracking)
+    assert found["head"] == {"HF_TOKEN", "KUBERLHF_REWARD_TOKEN", "MLFLOW_TRACKING_TOKEN"}
+    assert all("MLFLOW_TRACKING_TOKEN" not in names for role, names in found.items() if role != "head"), found
+    without = secrets_by_container({"url": "https://rm.example/score"},
+                                   tracking={"mlflow": {"uri": "https://mlflow.example"}})
+    assert "MLFLOW_TRACKING_TOKEN" not in without["head"]

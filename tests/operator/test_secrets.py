@@ -31,7 +31,8 @@ from tests.operator.test_handlers import JOBS, job_status, tiny_job
 
 HUB_TOKEN = "s3cr3t-VALUE-123"
 REWARD_TOKEN = "s3cr3t-VALUE-456"
-SECRETS = (HUB_TOKEN, REWARD_TOKEN)
+MLFLOW_TOKEN = "s3cr3t-VALUE-789"
+SECRETS = (HUB_TOKEN, REWARD_TOKEN, MLFLOW_TOKEN)
 
 
 def leaks(text: str) -> list[str]:
@@ -49,7 +50,10 @@ def test_secret_values_stay_out_of_status_events_children_and_operator_logs(
     caplog.set_level(logging.DEBUG)
     cluster.create(secret("hub", "token", HUB_TOKEN), "default")
     cluster.create(secret("reward", "bearer", REWARD_TOKEN), "default")
+    cluster.create(secret("mlflow", "token", MLFLOW_TOKEN), "default")
     job = tiny_job()
+    job["spec"]["tracking"] = {"mlflow": {"uri": "https://mlflow.example",
+                                          "tokenSecretRef": {"name": "mlflow", "key": "token"}}}
     job["spec"]["model"]["hubTokenSecretRef"] = {"name": "hub", "key": "token"}
     job["spec"]["reward"] = {"model": "builtin:tiny", "tokenSecretRef": {"name": "reward", "key": "bearer"}}
     with running_operator(cluster), running_standin(cluster, runner=sleep_runner(0.3)):
@@ -63,6 +67,7 @@ def test_secret_values_stay_out_of_status_events_children_and_operator_logs(
     assert rayjob is not None
     env = json.dumps(rayjob["spec"]["rayClusterSpec"])
     assert '"secretKeyRef": {"name": "hub", "key": "token"}' in env, "the hub token is passed by reference"
+    assert '"secretKeyRef": {"name": "mlflow", "key": "token"}' in env, "so is the tracking server's"
     # A reward model scores in-process: the reward server's token goes nowhere.
     assert '"name": "reward"' not in env
 

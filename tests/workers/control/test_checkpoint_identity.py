@@ -29,6 +29,8 @@ def test_the_fingerprint_follows_what_is_trained_not_how_long_or_where() -> None
         {"actor": {"learningRate": 1e-4}},
         {"seed": 7},
         {"data": {"prompts": "p.jsonl"}},
+        {"data": {"promptMix": [{"path": "p.jsonl", "weight": 1.0}]}},
+        {"data": {"maxSamples": 64}},
         {"kl": {"coef": 0.1}},
         {"algorithm": "rloo"},
         {"rollout": {"temperature": 0.5}},

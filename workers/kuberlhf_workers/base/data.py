@@ -14,9 +14,10 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kuberlhf.api import DataSpec
+from kuberlhf.files import find_spec_file
 from kuberlhf_workers.base.seeds import mix_seed
 
 FIELD = "spec.data.prompts"
@@ -47,11 +48,14 @@ def toy_prompts(seed: int = 0, size: int = TOY_SIZE) -> list[dict[str, Any]]:
     return records
 
 
-def read_jsonl(path: Path, field: str = FIELD) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file; a bad line is an error naming `field`, the file and the line."""
-    records = []
+def read_jsonl(path: Path, field: str = FIELD, limit: int | None = None) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file (the first `limit`: the rest is not read); a bad line is an
+    error naming `field`, the file and the line."""
+    records: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
+            if limit is not None and len(records) == limit:
+                break
             if not line.strip():
                 continue
             try:
@@ -64,18 +68,23 @@ def read_jsonl(path: Path, field: str = FIELD) -> list[dict[str, Any]]:
     return records
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _read_parquet(path: Path, field: str = FIELD, limit: int | None = None) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        records: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        records: list[dict[str, Any]] = (table if limit is None else table.slice(0, limit)).to_pylist()
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise ValueError(f"{FIELD}: cannot read {path} as parquet ({exc})") from None
+        raise ValueError(f"{field}: cannot read {path} as parquet ({exc})") from None
     return records
 
 
 def _normalise(
-    records: list[dict[str, Any]], key: str, source: str, chat: Callable[[Any], str] | None
+    records: list[dict[str, Any]],
+    key: str,
+    source: str,
+    chat: Callable[[Any], str] | None,
+    field: str = FIELD,
 ) -> list[dict[str, Any]]:
     """Move the prompt under "prompt" and reject records without usable prompt text."""
     out = []
@@ -96,28 +105,56 @@ def _normalise(
         rest = {k: v for k, v in record.items() if k != key}
         out.append({**rest, "prompt": text})
     if not out:
-        raise ValueError(f"{FIELD}: {source} holds no records")
+        raise ValueError(f"{field}: {source} holds no records")
     return out
+
+
+def load_source(
+    source: str,
+    prompt_key: str,
+    spec_dir: Path,
+    chat: Callable[[Any], str] | None = None,
+    field: str = FIELD,
+    max_samples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Read the prompt records of one source (`field` names it in errors); the first `max_samples`
+    in file order when set. A relative path is found next to the spec file, else on sys.path (in a
+    cluster the spec is a ConfigMap mount and the image carries the data), as data.train is.
+    `chat` renders a record's `messages` into prompt text (None: chat templates are off)."""
+    if source == "builtin:toy":
+        return toy_prompts()[:max_samples]
+    suffix = Path(source).suffix.lower()
+    if suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{field}: unsupported prompt source {source!r}; use {ALLOWED}")
+    path = find_spec_file(Path(source).expanduser(), spec_dir)
+    if path is None:
+        missing = Path(source).expanduser()
+        missing = missing if missing.is_absolute() else spec_dir / missing
+        raise ValueError(
+            f"{field}: prompt file {missing} does not exist (relative paths start at {spec_dir})"
+        )
+    read = read_jsonl if suffix == ".jsonl" else _read_parquet
+    return _normalise(read(path, field, max_samples), prompt_key, str(path), chat, field)
 
 
 def load_prompts(
     data: DataSpec, spec_dir: Path, chat: Callable[[Any], str] | None = None
 ) -> list[dict[str, Any]]:
-    """Read every prompt record of `data.prompts`; relative paths are relative to the spec file.
-    `chat` renders a record's `messages` into prompt text (None: chat templates are off)."""
-    source = data.prompts
-    if source == "builtin:toy":
-        return toy_prompts()
-    suffix = Path(source).suffix.lower()
-    if suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"{FIELD}: unsupported prompt source {source!r}; use {ALLOWED}")
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = spec_dir / path
-    if not path.is_file():
-        raise ValueError(f"{FIELD}: prompt file {path} does not exist (relative paths start at {spec_dir})")
-    records = read_jsonl(path) if suffix == ".jsonl" else _read_parquet(path)
-    return _normalise(records, data.prompt_key, str(path), chat)
+    """Every prompt record of `data.prompts`, capped at `data.maxSamples`."""
+    return load_source(data.prompts, data.prompt_key, spec_dir, chat, FIELD, data.max_samples)
+
+
+class PromptStream(Protocol):
+    """What the driver draws prompts from: one source (PromptSampler) or a weighted mix
+    (base/mixing.PromptMix). Its whole position is a dict of integers, saved in every checkpoint."""
+
+    def __len__(self) -> int: ...
+
+    def next_batch(self, n: int) -> list[dict[str, Any]]: ...
+
+    def state(self) -> dict[str, int]: ...
+
+    def load_state(self, state: dict[str, int]) -> None: ...
 
 
 class PromptSampler:

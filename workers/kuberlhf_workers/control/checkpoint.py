@@ -35,7 +35,7 @@ SHAPING_FIELDS: dict[str, tuple[str, ...] | None] = {
     "model": ("actor", "reference", "critic", "tokenizer"),
     "reward": ("function", "model", "url"),
     "data": ("prompts", "promptKey", "maxPromptTokens", "maxNewTokens", "shuffle", "train", "maxLength",
-             "chatTemplate"),
+             "chatTemplate", "promptMix", "maxSamples"),
     "rollout": ("samplesPerPrompt", "promptsPerStep", "temperature", "topP", "offPolicySteps"),
     "actor": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
     "critic": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),

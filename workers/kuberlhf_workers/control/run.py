@@ -103,6 +103,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     from kuberlhf_workers.control.faults import StepFailed
     from kuberlhf_workers.control.metrics import JsonlWriter, PrintProgress, RichProgress, TensorBoardWriter
     from kuberlhf_workers.control.status_reporter import from_environment
+    from kuberlhf_workers.control.tracking import RunStatus, run_status, start_tracking
 
     out = output_dir(job.metadata.name, args.output)
     try:  # job:<name> models: that job's final model, beside this job's output folder
@@ -119,9 +120,16 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     document = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": job.metadata.name},
                 "spec": api.spec_to_dict(job.spec)}
     (out / SPEC).write_text(yaml.safe_dump(document, sort_keys=False))
+    try:  # tracking.mlflow: the client and the store are checked before anything starts
+        tracker = start_tracking(job, out, resume=not args.no_resume)
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
     tensorboard = TensorBoardWriter(out / "tensorboard")
     display: Any = PrintProgress() if args.quiet or not sys.stdout.isatty() else RichProgress()
     callbacks = [JsonlWriter(out / "metrics.jsonl"), tensorboard, display, *(extra_callbacks or [])]
+    if tracker is not None:
+        callbacks.append(tracker)
     reporter = from_environment()  # inside a RayJob: progress into the RLHFJob's status
     if reporter is not None:
         callbacks.append(reporter)
@@ -169,12 +177,17 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     driver.on_stopped = stopped
     previous = signal.signal(signal.SIGINT, stop)
     previous_term = signal.signal(signal.SIGTERM, stop)
+    ended: RunStatus = "FAILED"  # the MLflow run's end, unless an outcome (or a kill) says otherwise
     try:
         if lease.previous_driver_deadline() is not None:
             print(f"{job.metadata.name}: waiting for the previous run's driver to save its checkpoint",
                   file=sys.stderr, flush=True)
         lease.acquire()
         outcome = driver.run()
+        ended = run_status(outcome.status)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        ended = "KILLED"
+        raise
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
@@ -186,6 +199,8 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         tensorboard.close()
+        if tracker is not None:
+            tracker.end(ended)
         if reporter is not None:
             reporter.close()
         if isinstance(display, RichProgress):

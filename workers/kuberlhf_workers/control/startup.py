@@ -14,7 +14,8 @@ from typing import Any
 
 from kuberlhf.api import RLHFJob, TrainerRole
 from kuberlhf.seats import seats_for
-from kuberlhf_workers.base.data import PromptSampler, load_prompts
+from kuberlhf_workers.base.data import PromptStream, load_source
+from kuberlhf_workers.base.mixing import open_prompts
 from kuberlhf_workers.base.models import ModelRef, local_tokenizer
 from kuberlhf_workers.base.records import chat_enabled, chat_prompt
 from kuberlhf_workers.control.faults import wait_all
@@ -34,7 +35,7 @@ HINT = "raise spec.schedule.stepTimeoutSeconds if loading the models legitimatel
 class Workers:
     """A started job: its actors by role, the prompt stream and the rollout engines' weight sync."""
 
-    sampler: PromptSampler
+    sampler: PromptStream
     rollout_group: ActorGroup[RolloutHandle]
     actors: list[TrainerHandle]
     weight_sync: WeightSync
@@ -71,9 +72,11 @@ def start_workers(
     local_tokenizer(actor_ref)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     chat = (lambda m: chat_prompt(tokenizer, m)) if chat_enabled(tokenizer, spec.data.chat_template) else None
-    sampler = PromptSampler(load_prompts(spec.data, spec_dir, chat), spec.seed, spec.data.shuffle)
-    eval_source = spec.data.model_copy(update={"prompts": spec.eval.prompts})
-    eval_records = load_prompts(eval_source, spec_dir, chat) if spec.eval.prompts is not None else []
+    sampler = open_prompts(spec.data, spec_dir, spec.seed, chat)
+    eval_records = (
+        load_source(spec.eval.prompts, spec.data.prompt_key, spec_dir, chat, "spec.eval.prompts")
+        if spec.eval.prompts is not None else []
+    )
 
     threads = threads_per_actor(spec, local)
     rollout_seats = seats_for(plan, spec, "rollout")
