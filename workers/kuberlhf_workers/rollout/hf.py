@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 from kuberlhf_workers.rollout.episodes import Turn
 
@@ -19,11 +20,14 @@ from kuberlhf_workers.rollout.episodes import Turn
 class HFBackend:
     """transformers' generate with sampling; behaviour log-probs come from the processed scores."""
 
-    def __init__(self, model_path: str | Path, device: torch.device | None = None):
+    def __init__(
+        self, model_path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ):
+        """`dtype`: the compute dtype (default: spec.precision's auto on `device`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or torch.device("cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = dtype or compute_dtype("auto", self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"

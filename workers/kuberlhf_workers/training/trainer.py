@@ -53,7 +53,8 @@ class TrainerWorker:
         self.objective = OBJECTIVES[role](spec)
         rows = spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
         layout = train_layout(rows, self.objective.trainer, role)
-        self.rank = DeepSpeedRank(role, self.objective.trainer, layout, rank, pick_device(gpus))
+        device = pick_device(gpus)
+        self.rank = DeepSpeedRank(role, self.objective.trainer, layout, rank, device, spec.precision)
 
     def ready(self) -> bool:
         return True
