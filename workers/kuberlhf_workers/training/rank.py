@@ -139,12 +139,14 @@ class DeepSpeedRank:
             pass
         return None
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """Full parameters (gathered under ZeRO-3, so every rank must call it)."""
+    def parameters(self, master: bool = False) -> dict[str, torch.Tensor]:
+        """Full parameters as float32 (gathered under ZeRO, so every rank must call it): the module's,
+        or with `master` the optimizer's fp32 master weights (the same in fp32 training)."""
         out = {}
         for name, p in self.model.module.named_parameters():
             with self.gathered([p]):
-                out[name] = p.data.detach().float().cpu().clone()
+                full = master_weight(self.model, p) if master else p.data
+                out[name] = full.detach().float().cpu().clone()
         return out
 
     # -- checkpoints ------------------------------------------------------------------------------
