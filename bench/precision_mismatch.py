@@ -10,7 +10,8 @@ gloo) loads the same checkpoint with the spec's precision and computes the train
 the first micro-batch (`PolicyObjective.old_logprobs`, the pass a rollout correction makes). At step 1
 of synchronous training these are the PPO ratio's numerator and denominator, so a ratio far from 1 is
 clipping that no update caused. Prints and writes, per case, the mean and max absolute per-token
-difference and the mean ratio exp(trainer - rollout) over response tokens.
+difference, the mean ratio exp(trainer - rollout) over response tokens, its largest deviation from
+1 and the share of tokens outside PPO's default clip range.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def mismatch(
         "max_abs_diff": float(diff.abs().max()),
         "mean_ratio": float(diff.exp().mean()),
         "max_ratio_dev": float((diff.exp() - 1).abs().max()),
+        # Tokens PPO's default clip range (0.2) would clip at step 1 although no update happened.
+        "outside_clip_share": float(((diff.exp() - 1).abs() > 0.2).float().mean()),
     }
 
 

@@ -39,10 +39,13 @@ def synthetic_completions(count: int, seed: int) -> list[str]:
 
 
 class RewardModelScorer:
-    """Callable like a reward function: `(prompts, completions, **kw) -> list[float]`."""
+    """Callable like a reward function: `(prompts, completions, **kw) -> list[float]`.
+
+    `precision`: a job's spec.precision (the reward worker passes it). fp32 unless asked: a bf16
+    score carries three significant digits and can move by one of them with the batch's padding."""
 
     def __init__(
-        self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32, precision: Precision = "auto"
+        self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32, precision: Precision = "fp32"
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -50,7 +50,7 @@ class LoadContext:
     spec_dir: Path
     secret_token: str | None = None
     device: str = "cpu"
-    precision: Precision = "auto"
+    precision: Precision = "fp32"
 
 
 def _function(reward: RewardSpec, at: LoadContext) -> RewardFn:
@@ -122,7 +122,7 @@ def make_reward_fn(
     spec_dir: Path,
     secret_token: str | None = None,
     device: str = "cpu",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
 ) -> RewardFn:
     """The one callable for whichever reward source the spec names."""
     context = LoadContext(spec_dir, secret_token, device, precision)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 from kuberlhf_workers.rollout.episodes import Turn
 
@@ -23,11 +22,12 @@ class HFBackend:
     def __init__(
         self, model_path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
     ):
-        """`dtype`: the compute dtype (default: spec.precision's auto on `device`)."""
+        """`dtype`: the compute dtype; a job's comes from spec.precision (`rollout.backend`). Unset:
+        bf16 on a GPU, fp32 on a CPU, where logits then match an fp32 trainer's to ~1e-7."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or torch.device("cpu")
-        dtype = dtype or compute_dtype("auto", self.device)
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"
