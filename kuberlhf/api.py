@@ -39,6 +39,8 @@ WeightTransportChoice = Literal["auto", "nccl", "gloo", "object-store"]
 RewardSource = Literal["function", "model", "url"]
 # The objectives a DeepSpeed trainer group can optimise, by the role that runs them.
 TrainerRole = Literal["actor", "critic"]
+# The numerics of every model of a job (kuberlhf_workers.base.precision resolves "auto" per node).
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass(frozen=True)
@@ -565,6 +567,13 @@ class RLHFJobSpec(_Model):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking (MLflow).")
     model_cache: ModelCacheSpec = Field(
         default_factory=ModelCacheSpec, description="Cluster storage for models downloaded from the hub."
+    )
+    precision: Precision = Field(
+        "auto", description="Numerics of every model of the job, one setting so the rollout engines "
+        "sample with the trainer's rounding: bf16 computes in bfloat16 (the trainers keep fp32 master "
+        "weights and optimizer state; checkpoints and the exported model are fp32); fp32 computes in "
+        "float32; auto is bf16 where the hardware has it (a GPU with bf16, a CPU with AVX-512 BF16 or "
+        "AMX) and fp32 elsewhere, decided by each worker on its own node.",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, sampling and initialisation.")
     image: str = Field("kuberlhf/worker:0.1.0", description="Worker image the Ray pods run.")

@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256, help="largest accepted batch")
     p.add_argument("--max-body-mb", type=int, default=16, help="largest accepted request body (MiB)")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute dtype, as spec.precision (auto: bf16 where the hardware has it)")
     p.set_defaults(func=cmd_reward_server)
     return parser
 

@@ -44,6 +44,7 @@ def test_two_ranks_stay_identical_and_sync_delivers_their_weights(
         before = ray.get(driver.rollouts[0].parameters())
         metrics = driver.train_step(0)
         rank0, rank1 = ray.get([a.parameters() for a in driver.actors])
+        masters = ray.get([a.parameters(master=True) for a in driver.actors])[0]
         synced = ray.get(driver.rollouts[0].parameters())
         # Exported a shard file at a time (64 KiB here), as save_pretrained lays them out.
         ray.get([a.export(str(exported), 2**16) for a in driver.actors])
@@ -51,12 +52,18 @@ def test_two_ranks_stay_identical_and_sync_delivers_their_weights(
         driver.release()
     from transformers import AutoModelForCausalLM
 
+    from kuberlhf_workers.base.precision import compute_dtype
+
+    dtype = compute_dtype(job.spec.precision, torch.device("cpu"))
     assert len(list(exported.glob("model-*-of-*.safetensors"))) > 1
     assert (exported / "model.safetensors.index.json").is_file() and (exported / "tokenizer.json").is_file()
     loaded = dict(AutoModelForCausalLM.from_pretrained(exported).named_parameters())
     assert set(loaded) == set(rank0)
     for name, tensor in rank0.items():
-        assert torch.equal(loaded[name].detach(), tensor), f"{name} differs in the exported model"
+        # The export holds the fp32 master weights; the module computes with their rounding to its
+        # dtype (bf16 under the default precision on a bf16 CPU, else the masters themselves).
+        assert torch.equal(loaded[name].detach(), masters[name]), f"{name} differs in the exported model"
+        assert torch.equal(masters[name].to(dtype).float(), tensor), f"{name}: not its master, rounded"
     assert metrics["time_sync_s"] > 0
     assert [n for n in rank0 if not torch.equal(before[n], rank0[n])], "the step should move the weights"
     assert set(rank0) == set(rank1) == set(synced)

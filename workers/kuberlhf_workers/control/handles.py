@@ -99,8 +99,8 @@ class TrainerHandle(Handle):
     def send_weights(self) -> ObjectRef[Any]:
         return self.actor.send_weights.remote()
 
-    def parameters(self) -> ObjectRef[dict[str, torch.Tensor]]:
-        return self.actor.parameters.remote()
+    def parameters(self, master: bool = False) -> ObjectRef[dict[str, torch.Tensor]]:
+        return self.actor.parameters.remote(master)
 
     def save(self, directory: str, hf_dir: str | None) -> ObjectRef[None]:
         return self.actor.save.remote(directory, hf_dir)

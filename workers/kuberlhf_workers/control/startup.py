@@ -107,7 +107,10 @@ def start_workers(
             ReferenceWorker,
             ref_seats,
             placements,
-            lambda i: (ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size),
+            lambda i: (
+                ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size,
+                spec.precision,
+            ),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
         ).actors
     reward_seats = seats_for(plan, spec, "reward")

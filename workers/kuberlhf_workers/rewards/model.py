@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from kuberlhf.api import Precision
+from kuberlhf_workers.base.precision import compute_dtype
+
 _WORDS = ("the", "cat", "dog", "sun", "red", "blue", "one", "two", "yes", "no", "answer", "is", "and", "big")
 
 
@@ -36,18 +39,25 @@ def synthetic_completions(count: int, seed: int) -> list[str]:
 
 
 class RewardModelScorer:
-    """Callable like a reward function: `(prompts, completions, **kw) -> list[float]`."""
+    """Callable like a reward function: `(prompts, completions, **kw) -> list[float]`.
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32):
+    `precision`: a job's spec.precision (the reward worker passes it). fp32 unless asked: a bf16
+    score carries three significant digits and can move by one of them with the batch's padding."""
+
+    def __init__(
+        self, model_dir: str | Path, device: str = "cpu", batch_size: int = 32, precision: Precision = "fp32"
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = torch.device(device)
+        dtype = compute_dtype(precision, self.device)
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+        self.model = model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"spec.reward.model: {model_dir} has {self.model.config.num_labels} labels; a reward model "

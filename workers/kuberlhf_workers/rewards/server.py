@@ -216,7 +216,8 @@ async def serve(args: argparse.Namespace, token: str | None) -> None:
     from kuberlhf_workers.rewards.model import RewardModelScorer
 
     def load() -> RewardModelScorer:
-        return RewardModelScorer(resolve_model(args.model, field="spec.reward.model"), args.device)
+        path = resolve_model(args.model, field="spec.reward.model")
+        return RewardModelScorer(path, args.device, precision=args.precision)
 
     service = RewardService(None, token, args.max_batch)
     runner = web.AppRunner(make_app(service, args.max_body_mb * 1024 * 1024), access_log_class=AccessLog)

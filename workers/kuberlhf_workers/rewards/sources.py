@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kuberlhf.api import RewardSource, RewardSpec
+from kuberlhf.api import Precision, RewardSource, RewardSpec
 from kuberlhf_workers.base.userfiles import load_target
 from kuberlhf_workers.rewards.client import BATCH_SIZE, CONCURRENCY, MAX_BACKOFF_S, RewardClient
 
@@ -44,11 +44,13 @@ def load_reward_function(ref: str, spec_dir: Path) -> RewardFn:
 
 @dataclass(frozen=True)
 class LoadContext:
-    """Where a reward source is loaded: the spec's folder, the server token, the actor's device."""
+    """Where a reward source is loaded: the spec's folder, the server token, the actor's device and
+    the job's precision (a reward model's compute dtype)."""
 
     spec_dir: Path
     secret_token: str | None = None
     device: str = "cpu"
+    precision: Precision = "fp32"
 
 
 def _function(reward: RewardSpec, at: LoadContext) -> RewardFn:
@@ -71,7 +73,8 @@ def _model(reward: RewardSpec, at: LoadContext) -> RewardFn:
     from kuberlhf_workers.rewards.model import RewardModelScorer
 
     assert reward.model is not None
-    return RewardModelScorer(resolve_model(reward.model, field="spec.reward.model"), device=at.device)
+    path = resolve_model(reward.model, field="spec.reward.model")
+    return RewardModelScorer(path, device=at.device, precision=at.precision)
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,15 @@ def reward_budget_s(reward: RewardSpec, rows: int) -> float:
 
 
 def make_reward_fn(
-    reward: RewardSpec, spec_dir: Path, secret_token: str | None = None, device: str = "cpu"
+    reward: RewardSpec,
+    spec_dir: Path,
+    secret_token: str | None = None,
+    device: str = "cpu",
+    precision: Precision = "fp32",
 ) -> RewardFn:
     """The one callable for whichever reward source the spec names."""
-    return REWARD_SOURCES[the_source(reward)].load(reward, LoadContext(spec_dir, secret_token, device))
+    context = LoadContext(spec_dir, secret_token, device, precision)
+    return REWARD_SOURCES[the_source(reward)].load(reward, context)
 
 
 def describe(fn: Callable[..., Any]) -> str:

@@ -18,7 +18,8 @@ class RewardWorker:
 
     def __init__(self, spec: RLHFJobSpec, spec_dir: str, gpus: float = 0.0):
         token = os.environ.get("KUBERLHF_REWARD_TOKEN")
-        self.fn = make_reward_fn(spec.online_reward(), Path(spec_dir), token, device=str(pick_device(gpus)))
+        device = str(pick_device(gpus))
+        self.fn = make_reward_fn(spec.online_reward(), Path(spec_dir), token, device, spec.precision)
         self.rows_scored = 0
 
     def ready(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from kuberlhf.api import RLHFJobSpec, RolloutEngine
+from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 
 
@@ -48,7 +49,7 @@ BackendFactory = Callable[[RLHFJobSpec, str | Path, torch.device], GenerationBac
 def _hf(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
     from kuberlhf_workers.rollout.hf import HFBackend
 
-    return HFBackend(model_path, device)
+    return HFBackend(model_path, device, compute_dtype(spec.precision, device))
 
 
 def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
@@ -66,6 +67,9 @@ def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> Ge
         seed=spec.seed,
         max_model_len=spec.data.max_prompt_tokens + spec.data.max_new_tokens,
         sleep_between_rollouts=sleeps_between_rollouts(spec),
+        # Explicit: vLLM's own "auto" turns an fp32 checkpoint into bf16 even where the trainer
+        # computes in fp32.
+        dtype="bfloat16" if compute_dtype(spec.precision, device) == torch.bfloat16 else "float32",
     )
 
 

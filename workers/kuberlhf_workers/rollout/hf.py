@@ -19,11 +19,15 @@ from kuberlhf_workers.rollout.episodes import Turn
 class HFBackend:
     """transformers' generate with sampling; behaviour log-probs come from the processed scores."""
 
-    def __init__(self, model_path: str | Path, device: torch.device | None = None):
+    def __init__(
+        self, model_path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ):
+        """`dtype`: the compute dtype; a job's comes from spec.precision (`rollout.backend`). Unset:
+        bf16 on a GPU, fp32 on a CPU, where logits then match an fp32 trainer's to ~1e-7."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or torch.device("cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"

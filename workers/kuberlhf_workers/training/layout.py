@@ -61,8 +61,11 @@ def bucket_sizes(stage: int, hidden_size: int) -> dict[str, int]:
 
 
 def deepspeed_config(
-    trainer: TrainerSpec, layout: Layout, on_gpu: bool, hidden_size: int | None = None
+    trainer: TrainerSpec, layout: Layout, on_gpu: bool, hidden_size: int | None = None, *, bf16: bool = False
 ) -> dict[str, Any]:
+    """`bf16`: DeepSpeed's bf16 mode, on CPU (gloo) as on GPU: the module computes in bf16 while the
+    optimizer keeps fp32 master weights and its state in fp32 (ZeRO's fp32 partitions; at stage 0
+    its unfused wrapper's fp32 copies)."""
     zero: dict[str, Any] = {"stage": trainer.zero_stage}
     if hidden_size is not None:
         zero |= bucket_sizes(trainer.zero_stage, hidden_size)
@@ -79,7 +82,7 @@ def deepspeed_config(
         },
         "zero_force_ds_cpu_optimizer": False,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

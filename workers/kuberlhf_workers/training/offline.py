@@ -173,14 +173,15 @@ class DPOObjective:
         self.reference_path = self.reference_path or path
         return _causal_lm(path)
 
-    def _frozen_reference(self, device: torch.device) -> torch.nn.Module:
+    def _frozen_reference(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         """The reference, loaded on first use: after the policy's sharded build, so it is a whole
         model on this rank (a ZeRO-3 inference engine for references too big for one GPU is not
         built yet)."""
         if self.reference is None:
             if self.reference_path is None:
                 raise RuntimeError("the dpo objective computes losses only after build_model")
-            reference = _causal_lm(self.reference_path).to(device)
+            # In the policy's compute dtype (spec.precision), so both sides of the margin round alike.
+            reference = _causal_lm(self.reference_path).to(device, dtype)
             reference.eval().requires_grad_(False)
             self.reference = reference
         return self.reference
@@ -188,7 +189,7 @@ class DPOObjective:
     def _rewards(
         self, model: torch.nn.Module, examples: list[Example], device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        reference = self._frozen_reference(device)
+        reference = self._frozen_reference(device, next(iter(model.parameters())).dtype)
         n = len(examples)
         batch = sequence_batch(
             [e.chosen for e in examples] + [e.rejected for e in examples if e.rejected], self.pad_id
@@ -265,7 +266,7 @@ class OfflineTrainerWorker:
         self.pad_id = pad_id
         self.objective = OFFLINE_OBJECTIVES[spec.algorithm](spec, pad_id, ref_path)
         layout = train_layout(batch_size(spec), spec.actor, "actor")
-        self.rank = DeepSpeedRank("actor", spec.actor, layout, rank, pick_device(gpus))
+        self.rank = DeepSpeedRank("actor", spec.actor, layout, rank, pick_device(gpus), spec.precision)
 
     def ready(self) -> bool:
         return True

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from kuberlhf.api import TrainerSpec
+from kuberlhf.api import Precision, TrainerSpec
+from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.transports import (
     NamedTensors,
     ParamMeta,
@@ -26,16 +27,27 @@ from kuberlhf_workers.base.transports import (
     plan_buckets,
 )
 from kuberlhf_workers.training.layout import Layout, deepspeed_config
+from kuberlhf_workers.training.master import master_weight
 
 # Largest safetensors file an export writes, and so the most full weights it gathers at once.
 EXPORT_SHARD_BYTES = 2 * 2**30
 
 
 class DeepSpeedRank:
-    """Rank `rank` of a `layout.world`-rank world training `trainer`'s model (tag `tag` in checkpoints)."""
+    """Rank `rank` of a `layout.world`-rank world training `trainer`'s model (tag `tag` in checkpoints),
+    computing in spec.precision's dtype on `device` (fp32 master weights either way)."""
 
-    def __init__(self, tag: str, trainer: TrainerSpec, layout: Layout, rank: int, device: torch.device):
+    def __init__(
+        self,
+        tag: str,
+        trainer: TrainerSpec,
+        layout: Layout,
+        rank: int,
+        device: torch.device,
+        precision: Precision = "auto",
+    ):
         self.tag, self.trainer, self.layout, self.rank, self.device = tag, trainer, layout, rank, device
+        self.dtype = compute_dtype(precision, device)
         self._model: Any = None  # the DeepSpeed-wrapped model once joined
         self.memory_mib: dict[str, float] = {}  # resident memory while joining (bench/zero_memory.py)
         self.sender: WeightTransport | None = None
@@ -70,7 +82,8 @@ class DeepSpeedRank:
             verbose=False,
             timeout=timedelta(seconds=timeout_s),
         )
-        config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda")
+        on_gpu, bf16 = self.device.type == "cuda", self.dtype == torch.bfloat16
+        config = deepspeed_config(self.trainer, self.layout, on_gpu, bf16=bf16)
         sharded = None
         if self.trainer.zero_stage == 3:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -83,7 +96,7 @@ class DeepSpeedRank:
             model.gradient_checkpointing_enable()  # type: ignore[operator]
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if isinstance(hidden, int):
-            config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda", hidden)
+            config = deepspeed_config(self.trainer, self.layout, on_gpu, hidden, bf16=bf16)
         self._model, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=config
         )
@@ -103,12 +116,17 @@ class DeepSpeedRank:
     def param_meta(self) -> list[ParamMeta]:
         return [param_meta(n, p) for n, p in self.model.module.named_parameters()]
 
-    def _full_buckets(self, plan: list[list[ParamMeta]]) -> Iterator[NamedTensors]:
+    def _full_buckets(self, plan: list[list[ParamMeta]], master: bool = False) -> Iterator[NamedTensors]:
+        """Full tensors bucket by bucket: the module's (what the rollout engines compute with), or
+        with `master` the optimizer's fp32 master weights (what an export keeps)."""
         named = dict(self.model.module.named_parameters())
         for bucket in plan:
             params = [named[m.name] for m in bucket]
             with self.gathered(params):
-                yield [(m.name, p.data) for m, p in zip(bucket, params, strict=True)]
+                yield [
+                    (m.name, master_weight(self.model, p) if master else p.data)
+                    for m, p in zip(bucket, params, strict=True)
+                ]
 
     def send_weights(self, bucket_bytes: int) -> Any:
         """All ranks call this (ZeRO-3 gathers are collective); only rank 0 sends."""
@@ -121,12 +139,14 @@ class DeepSpeedRank:
             pass
         return None
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """Full parameters (gathered under ZeRO-3, so every rank must call it)."""
+    def parameters(self, master: bool = False) -> dict[str, torch.Tensor]:
+        """Full parameters as float32 (gathered under ZeRO, so every rank must call it): the module's,
+        or with `master` the optimizer's fp32 master weights (the same in fp32 training)."""
         out = {}
         for name, p in self.model.module.named_parameters():
             with self.gathered([p]):
-                out[name] = p.data.detach().float().cpu().clone()
+                full = master_weight(self.model, p) if master else p.data
+                out[name] = full.detach().float().cpu().clone()
         return out
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -145,7 +165,8 @@ class DeepSpeedRank:
         """HF weights (safetensors shards and their index, as save_pretrained writes them), config and
         tokenizer from rank 0: the folder a user loads with from_pretrained. Every rank calls it
         (ZeRO-3 gathers are collective); parameters are gathered one shard file at a time, so rank 0
-        never holds more than `shard_bytes` of full weights, whatever the model's size."""
+        never holds more than `shard_bytes` of full weights, whatever the model's size. The weights
+        are the fp32 master weights, also after bf16 training (training.master)."""
         from safetensors.torch import save_file
 
         module = self.model.module
@@ -154,7 +175,8 @@ class DeepSpeedRank:
             out.mkdir(parents=True, exist_ok=True)
             for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
                 stale.unlink()
-        buckets = self._full_buckets(plan_buckets(self.param_meta(), shard_bytes))
+        fp32 = [ParamMeta(m.name, m.shape, "float32") for m in self.param_meta()]
+        buckets = self._full_buckets(plan_buckets(fp32, shard_bytes), master=True)
         files: list[list[str]] = []
         total = 0
         for i, bucket in enumerate(buckets):

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from kuberlhf.api import Precision
 from kuberlhf_workers.base.models import ModelRef, local_model, pick_device
+from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import merge_results, shard
 from kuberlhf_workers.training.batch import collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
@@ -17,16 +19,24 @@ class ReferenceWorker:
     """Log-probs for its share of rows in one batched forward (a Ray actor)."""
 
     def __init__(
-        self, model: ModelRef, gpus: float, threads: int, pad_id: int, temperature: float, micro_batch: int
+        self,
+        model: ModelRef,
+        gpus: float,
+        threads: int,
+        pad_id: int,
+        temperature: float,
+        micro_batch: int,
+        precision: Precision = "auto",
     ):
         from transformers import AutoModelForCausalLM
 
         if threads:
             torch.set_num_threads(threads)
         device = pick_device(gpus)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # The actor's compute dtype: a bf16 actor against an fp32 reference would read its rounding
+        # as KL divergence.
         path = local_model(model)
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(precision, device))
         self.model = loaded.to(device).eval()  # type: ignore[arg-type]  # transformers types `.to` oddly
         self.pad_id = pad_id
         self.temperature = temperature

@@ -53,7 +53,8 @@ class TrainerWorker:
         self.objective = OBJECTIVES[role](spec)
         rows = spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
         layout = train_layout(rows, self.objective.trainer, role)
-        self.rank = DeepSpeedRank(role, self.objective.trainer, layout, rank, pick_device(gpus))
+        device = pick_device(gpus)
+        self.rank = DeepSpeedRank(role, self.objective.trainer, layout, rank, device, spec.precision)
 
     def ready(self) -> bool:
         return True
@@ -160,9 +161,10 @@ class TrainerWorker:
         """All ranks call this (ZeRO-3 gathers are collective); only rank 0 sends."""
         return self.rank.send_weights(self.spec.weight_sync.bucket_mb * 2**20)
 
-    def parameters(self) -> dict[str, torch.Tensor]:
-        """Full parameters (gathered under ZeRO-3, so every rank must call it)."""
-        return self.rank.parameters()
+    def parameters(self, master: bool = False) -> dict[str, torch.Tensor]:
+        """Full parameters (gathered under ZeRO-3, so every rank must call it); `master`: the fp32
+        master weights instead of the module's (bf16 under precision bf16)."""
+        return self.rank.parameters(master)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
