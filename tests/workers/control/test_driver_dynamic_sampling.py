@@ -57,3 +57,33 @@ def test_dynamic_sampling_trains_full_batches_of_groups_with_reward_variance_onl
         print(f"step {line['step']}: rounds {line['dynamic_rounds']:.0f}, dropped "
               f"{line['dynamic_groups_dropped']:.0f}, extra generation {line['time_dynamic_extra_s']:.2f}s "
               f"of rollout {line['time_rollout_s']:.2f}s")
+
+
+def test_dynamic_sampling_stopped_and_resumed_draws_and_trains_exactly_like_an_unbroken_run(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    spec = write_spec(
+        tmp_path,
+        tiny_model_dir,
+        reward={"function": "half_flat.py:reward"},
+        rollout={"promptsPerStep": 4, "dynamicSampling": {"enabled": True, "maxRounds": 8}},
+        schedule={"steps": 3},
+    )
+    (tmp_path / "half_flat.py").write_text(HALF_FLAT)
+    unbroken = Driver(load(spec), tmp_path, tmp_path / "unbroken").run()
+
+    def stop_at_one(step: int, total: int, metrics: dict, last: str | None) -> None:
+        stopping.request_stop()
+
+    stopping = Driver(load(spec), tmp_path, tmp_path / "run", callbacks=[stop_at_one])
+    assert stopping.run().step == 1
+    resumed = Driver(load(spec), tmp_path, tmp_path / "run").run()
+
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    keys = ("dynamic_rounds", "dynamic_groups_dropped", "reward_mean")
+    for before, after in zip(unbroken.history[1:], resumed.history, strict=True):
+        assert {k: after[k] for k in keys} == pytest.approx({k: before[k] for k in keys}, abs=1e-6)
+    a, b = ckpt.read_state(Path(unbroken.last_checkpoint)), ckpt.read_state(Path(resumed.last_checkpoint))
+    assert a.sampler == b.sampler
