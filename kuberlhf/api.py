@@ -312,6 +312,18 @@ class DPOSpec(_Model):
     ipo: bool = Field(False, description="IPO's squared loss instead of DPO's logistic one.")
 
 
+class DynamicSamplingSpec(_Model):
+    """DAPO's dynamic sampling: a prompt group whose samples all scored the same has zero advantage
+    under a group baseline and teaches nothing, so the step drops it and generates more prompts."""
+
+    enabled: bool = Field(False, description="Drop zero-variance prompt groups and refill the batch.")
+    max_rounds: int = Field(
+        4, ge=1, le=64, description="Most generation rounds (of promptsPerStep prompts each) per step; "
+        "a step still short of promptsPerStep groups with reward variance after them fills the batch "
+        "with dropped groups and reports dynamic_groups_filled.",
+    )
+
+
 class RolloutSpec(_Model):
     """Generation engines."""
 
@@ -327,6 +339,9 @@ class RolloutSpec(_Model):
     off_policy_steps: int = Field(
         0, ge=0, le=4, description="Async pipelining: generate step k+1 while step k trains "
         "(0 = synchronous). Bounds how stale the rollout weights may be.",
+    )
+    dynamic_sampling: DynamicSamplingSpec = Field(
+        default_factory=DynamicSamplingSpec, description="DAPO's dynamic sampling (group estimators)."
     )
 
 
@@ -695,6 +710,21 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         message=f"group estimators ({', '.join(GROUP_ALGORITHMS)}) compare samples "
         "of the same prompt: set rollout.samplesPerPrompt to 2 or more",
         holds=lambda s: not ALGORITHMS[s.algorithm].group_baseline or s.rollout.samples_per_prompt > 1,
+    ),
+    CrossFieldRule(
+        cel=f"!self.rollout.dynamicSampling.enabled || self.algorithm in {_GROUPS_CEL}",
+        field="spec.rollout.dynamicSampling.enabled",
+        message="dynamic sampling drops prompt groups whose samples all scored the same, which only "
+        f"group estimators ({', '.join(GROUP_ALGORITHMS)}) learn nothing from: use one of them or "
+        "set enabled: false",
+        holds=lambda s: not s.rollout.dynamic_sampling.enabled or ALGORITHMS[s.algorithm].group_baseline,
+    ),
+    CrossFieldRule(
+        cel="!self.rollout.dynamicSampling.enabled || self.rollout.offPolicySteps == 0",
+        field="spec.rollout.dynamicSampling.enabled",
+        message="dynamic sampling refills a step from its own scores, which the rollouts generated "
+        "ahead (offPolicySteps > 0) do not wait for: set rollout.offPolicySteps: 0 or enabled: false",
+        holds=lambda s: not s.rollout.dynamic_sampling.enabled or s.rollout.off_policy_steps == 0,
     ),
     CrossFieldRule(
         cel=f"!has(self.critic) || self.algorithm in {_CRITIC_CEL}",

@@ -97,6 +97,8 @@ def _set(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("spec.critic", {"replicas": 1}, "spec.critic", "only ppo"),
         ("spec.model.reference", "x", "spec.model.reference", "kl.coef > 0"),
         ("spec.reward.url", "http://rm:8000", "spec.reward", "exactly one"),
+        ("spec.rollout.dynamicSampling.maxRounds", 0, "spec.rollout.dynamicSampling.maxRounds",
+         "greater than or equal to 1"),
         ("metadata.name", "Bad_Name", "metadata.name", "pattern"),
         ("metadata.name", "x" * 41, "metadata.name", "at most 40"),
     ],
@@ -343,3 +345,26 @@ def test_bad_mlflow_tracking_names_the_field(mlflow: dict[str, Any], field: str,
     obj["spec"]["tracking"] = {"mlflow": mlflow}
     problems = problems_of(obj)
     assert any(p.startswith(field + ":") and hint in p for p in problems), problems
+
+def test_dynamic_sampling_is_on_only_where_asked_and_counts_its_rounds() -> None:
+    assert not api.parse_job(sample()).spec.rollout.dynamic_sampling.enabled
+    obj = _set(sample(), "spec.rollout.dynamicSampling", {"enabled": True, "maxRounds": 3})
+    assert api.parse_job(obj).spec.rollout.dynamic_sampling.max_rounds == 3
+
+
+def test_dynamic_sampling_without_a_group_estimator_or_with_async_rollouts_is_refused_naming_it() -> None:
+    on = {"enabled": True}
+    ppo = _set(_set(sample(), "spec.rollout.dynamicSampling", on), "spec.algorithm", "reinforce_pp")
+    assert problems_of(ppo) == [
+        "spec.rollout.dynamicSampling.enabled: dynamic sampling drops prompt groups whose samples all "
+        "scored the same, which only group estimators (grpo, reinforce_pp_baseline, rloo, dr_grpo) learn "
+        "nothing from: use one of them or set enabled: false"
+    ]
+    ahead = _set(_set(sample(), "spec.rollout.dynamicSampling", on), "spec.rollout.offPolicySteps", 1)
+    assert problems_of(ahead) == [
+        "spec.rollout.dynamicSampling.enabled: dynamic sampling refills a step from its own scores, which "
+        "the rollouts generated ahead (offPolicySteps > 0) do not wait for: set rollout.offPolicySteps: 0 "
+        "or enabled: false"
+    ]
+    single = _set(_set(sample(), "spec.rollout.dynamicSampling", on), "spec.rollout.samplesPerPrompt", 1)
+    assert [p.split(":")[0] for p in problems_of(single)] == ["spec.rollout.samplesPerPrompt"]

@@ -109,6 +109,8 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
                     "replicas": st.integers(1, 4),
                     "tensorParallelSize": st.integers(1, 4),
                     "resources": st.fixed_dictionaries({"gpus": gpus}),
+                    "offPolicySteps": st.integers(0, 1),
+                    "dynamicSampling": st.fixed_dictionaries({"enabled": st.booleans()}),
                 }
             ),
             "actor": st.fixed_dictionaries(

@@ -34,6 +34,18 @@ class Digits:
         return " next:\\n", reward, self.turn == 3
 
 
+class FlatArithmetic(Digits):
+    """Digits, except that arithmetic prompts score 1 a turn whatever the model says."""
+
+    def __init__(self, record):
+        super().__init__(record)
+        self.flat = record["prompt"].startswith("What is")
+
+    async def step(self, action):
+        observation, reward, done = await super().step(action)
+        return observation, 1.0 if self.flat else reward, done
+
+
 class Broken(Digits):
     def step(self, action):
         raise ConnectionError("sandbox unreachable")
@@ -83,3 +95,21 @@ def test_a_step_whose_episodes_fail_beyond_max_failed_share_fails_naming_the_env
         "step 1/2: EnvironmentFailed: spec.environment.class 'envs.py:Broken': 32 of 32 episodes failed, "
         "more than maxFailedShare 0.5; first error: Broken.step() raised ConnectionError: sandbox unreachable"
     )
+
+
+def test_dynamic_sampling_drops_episode_groups_whose_rewards_are_all_equal(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    from kuberlhf_workers.control.driver import Driver
+
+    spec = write_agent_spec(
+        tmp_path, tiny_model_dir, "envs.py:FlatArithmetic", data={"maxNewTokens": 8}, schedule={"steps": 2},
+        rollout={"promptsPerStep": 4, "dynamicSampling": {"enabled": True, "maxRounds": 8}},
+    )
+    outcome = Driver(load(spec), tmp_path, tmp_path / "out").run()
+
+    assert outcome.status == "completed"
+    for h in outcome.history:  # the trainer's count, from the episodes' own rewards
+        assert (h["groups_trained"], h["groups_zero_variance"], h["dynamic_groups_filled"]) == (4, 0, 0), h
+        assert h["turns_mean"] == 3.0
+    assert sum(h["dynamic_groups_dropped"] for h in outcome.history) > 0, "half the prompts are arithmetic"

@@ -271,6 +271,23 @@ def test_overlong_penalty_is_zero_before_the_buffer_then_falls_linearly_to_the_p
     assert overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
 
 
+def test_overlong_penalty_is_dapos_length_reward_at_every_length() -> None:
+    from kuberlhf_workers.training.algorithms import overlong_penalty
+
+    def dapo(length: int, l_max: int, l_cache: int) -> float:  # DAPO (Yu et al. 2025), R_length
+        if length <= l_max - l_cache:
+            return 0.0
+        if length <= l_max:
+            return (l_max - l_cache - length) / l_cache
+        return -1.0
+
+    lengths = torch.arange(0, 50)
+    got = overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=1.0)
+    assert got.tolist() == pytest.approx([dapo(n, 32, 8) for n in range(50)], abs=1e-7)
+    scaled = overlong_penalty(lengths, max_tokens=32, buffer=8, penalty=0.5)
+    assert scaled.tolist() == pytest.approx([0.5 * dapo(n, 32, 8) for n in range(50)], abs=1e-7)
+
+
 def test_gae_skips_observation_tokens_as_if_the_models_tokens_were_contiguous() -> None:
     rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
     values = torch.tensor([[0.5, 9.0, 9.0, 0.25, 0.75]])

@@ -22,6 +22,7 @@ from kuberlhf.api import RLHFJob, RLHFJobSpec, steps_to_train
 from kuberlhf.jobrefs import FINAL
 from kuberlhf_workers.base.samples import episode_metrics, summarize
 from kuberlhf_workers.control import checkpoint as ckpt
+from kuberlhf_workers.control.dynamic_sampling import dynamic_rollout
 from kuberlhf_workers.control.evaluation import evaluate
 from kuberlhf_workers.control.faults import (
     ROLLOUT_RETRIES,
@@ -155,35 +156,36 @@ class Driver:
         """Trainer weights → every rollout engine (replacing dead engines); seconds taken."""
         return self.weight_sync.sync()
 
-    def _generate(self, step: int) -> PendingRollout:
+    def _generate(self, step: int, round_: int = 0) -> PendingRollout:
         sampler_before = self.sampler.state()
         records = self.sampler.next_batch(self.spec.rollout.prompts_per_step)
         refs, summaries = [], []
-        for i, request in enumerate(generation_requests(self.spec, step, records, len(self.rollouts))):
+        requests = generation_requests(self.spec, step, records, len(self.rollouts), round_)
+        for i, request in enumerate(requests):
             engine = self.rollouts[i]
             summary, result = engine.rollout(request)
             refs.append(result)
             summaries.append((engine.label, summary))
         return PendingRollout(step, records, refs, summaries, sampler_before, self.synced_step)
 
-    def _next_rollout(self, step: int) -> PendingRollout:
+    def _next_rollout(self, step: int, round_: int = 0) -> PendingRollout:
         """This step's rollout; with rollout.offPolicySteps = d, also start generating the next d steps'
         rollouts now, so the engines sample (with weights up to d steps old) while the trainers train."""
         while len(self._pending) <= self.spec.rollout.off_policy_steps:
             upcoming = step + len(self._pending)
             if upcoming >= self.total_steps:
                 break
-            self._pending.append(self._generate(upcoming))
+            self._pending.append(self._generate(upcoming, round_))
         pending = self._pending.popleft()
         assert pending.step == step, f"rollout queue out of order: {pending.step} != {step}"
         return pending
 
-    def _rollout(self, step: int) -> tuple[PendingRollout, list[dict[str, int]]]:
+    def _rollout(self, step: int, round_: int = 0) -> tuple[PendingRollout, list[dict[str, int]]]:
         """This step's finished rollout and its summaries. A rollout engine that dies is replaced
         (up to ROLLOUT_RETRIES times a step) and the step's prompts are generated again with the
         same seeds, so the data stream neither skips nor repeats."""
         for attempt in range(ROLLOUT_RETRIES + 1):
-            pending = self._next_rollout(step)
+            pending = self._next_rollout(step, round_)
             try:
                 summaries = wait_all(
                     pending.summaries,
@@ -223,14 +225,21 @@ class Driver:
         """One full RL step; returns its metrics (the caller adds checkpoints and callbacks)."""
         started = time.perf_counter()
         restarts_before = self.weight_sync.restarts
-        pending, summaries = self._rollout(step)
+        dynamic: dict[str, float] = {}
+        if self.spec.rollout.dynamic_sampling.enabled:  # scored round by round, to pick the groups
+            pending, summaries, reward_refs, dynamic = dynamic_rollout(
+                self.spec, step, self._rollout, self._score, self.synced_step
+            )
+        else:
+            pending, summaries = self._rollout(step)
         records, rollout_refs = pending.records, pending.refs
         t_rollout = time.perf_counter()
         rows = len(records) * self.spec.rollout.samples_per_prompt
         ref_refs = [r.logprobs(rollout_refs, i, len(self.references)) for i, r in enumerate(self.references)]
         value_refs = [c.values(rollout_refs) for c in self.critics]
         # With spec.environment the episodes carry their rewards: there are no reward workers.
-        reward_refs = self._score(step, records, rollout_refs) if self.spec.environment is None else []
+        if not self.spec.rollout.dynamic_sampling.enabled:
+            reward_refs = self._score(step, records, rollout_refs) if self.spec.environment is None else []
         wait_ready(
             [*ref_refs, *value_refs],
             self.step_timeout,
@@ -272,6 +281,7 @@ class Driver:
             rollout_restarts=self.weight_sync.restarts - restarts_before,
             rollout_tokens=sum(s["response_tokens"] for s in summaries),
             **episode_metrics(summaries),
+            **dynamic,
         )
         return metrics
 

@@ -30,9 +30,10 @@ class PendingRollout:
     weights_step: int
 
 
-def rollout_seed(seed: int, step: int, engine: int) -> int:
-    """Sampling seed of one engine at one step: a resumed run samples exactly as an unbroken one."""
-    return mix_seed(seed, step, engine)
+def rollout_seed(seed: int, step: int, engine: int, round_: int = 0) -> int:
+    """Sampling seed of one engine at one step (and dynamic-sampling round; round 0 is the step's
+    only one otherwise): a resumed run samples exactly as an unbroken one."""
+    return mix_seed(seed, step, engine, round_)
 
 
 def split_prompts(records: list[dict[str, Any]], engines: int) -> list[list[dict[str, Any]]]:
@@ -43,7 +44,7 @@ def split_prompts(records: list[dict[str, Any]], engines: int) -> list[list[dict
 
 
 def generation_requests(
-    spec: RLHFJobSpec, step: int, records: list[dict[str, Any]], engines: int
+    spec: RLHFJobSpec, step: int, records: list[dict[str, Any]], engines: int, round_: int = 0
 ) -> list[GenerationRequest]:
     """One request per engine for this step's prompts (the same ones for a regenerated step)."""
     return [
@@ -54,7 +55,7 @@ def generation_requests(
             temperature=spec.rollout.temperature,
             top_p=spec.rollout.top_p,
             max_prompt_tokens=spec.data.max_prompt_tokens,
-            seed=rollout_seed(spec.seed, step, i),
+            seed=rollout_seed(spec.seed, step, i, round_),
             records=tuple(part) if spec.environment is not None else (),
         )
         for i, part in enumerate(split_prompts(records, engines))

@@ -367,9 +367,10 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, sample
 
 def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
     """DAPO's soft overlong punishment per completion: 0 up to max_tokens - buffer, then linear down
-    to -penalty at max_tokens (and below it beyond)."""
+    to -penalty at max_tokens, and -penalty beyond (a multi-turn episode's model tokens can exceed
+    data.maxNewTokens, which bounds one turn)."""
     start = max_tokens - buffer
-    return -penalty * ((lengths.float() - start).clamp(min=0) / buffer)
+    return -penalty * ((lengths.float() - start).clamp(min=0, max=buffer) / buffer)
 
 
 # -- offline objectives --------------------------------------------------------------------------

@@ -71,14 +71,20 @@ def make_experience(
     return Experience(batch, rewards, kl, ref_logp, values, advantages, returns, None, coef, shaping)
 
 
-def batch_metrics(exp: Experience) -> dict[str, float]:
-    """The step's rollout statistics (reported once, by the actor's rank 0)."""
+def batch_metrics(exp: Experience, samples_per_prompt: int | None = None) -> dict[str, float]:
+    """The step's rollout statistics (reported once, by the actor's rank 0). With a group size, also
+    how many prompt groups were trained and how many of them had one reward for every sample (zero
+    advantage under a group baseline: what rollout.dynamicSampling keeps out)."""
     mask = exp.batch.response_mask
     lengths = mask.sum(-1)
     kl_mean = float((exp.kl.sum(-1) / lengths.clamp(min=1)).mean())
     raw = exp.rewards if exp.shaping is None else exp.rewards - exp.shaping
-    shaped = {} if exp.shaping is None else {"overlong_penalty_mean": float(exp.shaping.mean())}
-    return shaped | {
+    extra = {} if exp.shaping is None else {"overlong_penalty_mean": float(exp.shaping.mean())}
+    if samples_per_prompt is not None:
+        groups = raw.view(-1, samples_per_prompt)
+        flat = groups.amax(-1) == groups.amin(-1)
+        extra |= {"groups_trained": float(len(groups)), "groups_zero_variance": float(flat.sum())}
+    return extra | {
         "reward_mean": float(raw.mean()),
         "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
         "kl": kl_mean,

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from kuberlhf.api import RLHFJobSpec, TrainerRole, TrainerSpec
+from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerRole, TrainerSpec
 from kuberlhf_workers.training import algorithms
 from kuberlhf_workers.training.batch import Batch, response_logits, response_values, token_logprobs
 from kuberlhf_workers.training.experience import Experience, batch_metrics
@@ -92,7 +92,8 @@ class PolicyObjective:
         return loss, {k: float(v) for k, v in metrics.items()} | {"policy_loss": float(loss.detach())}
 
     def step_metrics(self, exp: Experience) -> Metrics:
-        return batch_metrics(exp)
+        group = ALGORITHMS[self.spec.algorithm].group_baseline
+        return batch_metrics(exp, self.spec.rollout.samples_per_prompt if group else None)
 
     def old_logprobs(
         self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
