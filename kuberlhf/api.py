@@ -564,6 +564,9 @@ class Progress(_Model):
     reward_mean: float | None = Field(None, description="Mean reward of the last step's rollouts.")
     kl: float | None = Field(None, description="Mean KL to the reference of the last step.")
     samples_per_second: float | None = Field(None, description="Throughput of the last step.")
+    turns_mean: float | None = Field(
+        None, description="Mean model turns per episode of the last step (spec.environment runs)."
+    )
     last_checkpoint: str | None = Field(None, description="Path of the newest checkpoint.")
     updated_at: str | None = Field(None, description="When the driver last reported.")
 
