@@ -690,13 +690,6 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: ALGORITHMS[s.algorithm].online or s.environment is None,
     ),
     CrossFieldRule(
-        cel="!has(self.environment) || self.rollout.engine == 'hf'",
-        field="spec.environment",
-        message="multi-turn episodes run on rollout.engine: hf (the vllm backend generates single turns "
-        "only): set rollout.engine: hf or remove spec.environment",
-        holds=lambda s: s.environment is None or s.rollout.engine == "hf",
-    ),
-    CrossFieldRule(
         cel=f"!(self.algorithm in {_OFFLINE_CEL}) || !has(self.reward)",
         field="spec.reward",
         message=f"{_OFFLINE_NAMES} train on data.train and score nothing: remove spec.reward",
