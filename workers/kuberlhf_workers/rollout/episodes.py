@@ -67,6 +67,7 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     reward: float = 0.0
     turns: int = 0
+    observed: int = 0  # observation tokens in `response` (the mask cannot tell once an episode failed)
     done: bool = False
     truncated: bool = False
     error: str | None = None
@@ -88,6 +89,7 @@ class Episode:
         self.response += kept
         self.mask += [0] * len(kept)
         self.logprobs += [0.0] * len(kept)
+        self.observed += len(kept)
         if len(kept) < len(ids) or len(self.response) >= max_tokens:
             self.truncated = True
 
@@ -172,6 +174,7 @@ def run_episodes(
         turns=[ep.turns for ep in episodes],
         truncated=[ep.truncated for ep in episodes],
         episode_errors=[ep.error for ep in episodes],
+        observation_tokens=[ep.observed for ep in episodes],
     )
 
 
