@@ -214,7 +214,8 @@ class EnvironmentSpec(_Model):
     )
     timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="Per call to the environment (construction, reset, one step); "
-        "a call that raises, takes longer or returns something malformed fails its episode (reward 0).",
+        "a call that raises, takes longer or returns something malformed fails its episode (reward 0, "
+        "not trained on, left out of its prompt group's baseline).",
     )
     max_failed_share: float = Field(
         0.5, ge=0, le=1, description="The step fails, naming the environment and its error, when more "

@@ -5,8 +5,9 @@ the observations are encoded once and appended, so no turn is ever re-tokenised 
 re-encoding a context can merge or split tokens, and the trainer would then score ids the engine
 never sampled). The model's tokens get loss mask 1 and their behaviour log-probs, the
 observations' mask 0. An episode whose environment fails scores 0 and is not trained on at all
-(the failure is the environment's, not the model's); when more than maxFailedShare of the episodes
-fail, the rollout fails naming the environment and the first error.
+(the failure is the environment's, not the model's), nor does it enter its group's baseline
+(training/algorithms.group_advantages leaves rows without trained tokens out); when more than
+maxFailedShare of the episodes fail, the rollout fails naming the environment and the first error.
 """
 
 from __future__ import annotations
