@@ -216,7 +216,8 @@ class EnvironmentSpec(_Model):
     )
     timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="Per call to the environment (construction, reset, one step); "
-        "a call that raises, takes longer or returns something malformed fails its episode (reward 0).",
+        "a call that raises, takes longer or returns something malformed fails its episode (reward 0, "
+        "not trained on, left out of its prompt group's baseline).",
     )
     max_failed_share: float = Field(
         0.5, ge=0, le=1, description="The step fails, naming the environment and its error, when more "
@@ -639,6 +640,9 @@ class Progress(_Model):
     reward_mean: float | None = Field(None, description="Mean reward of the last step's rollouts.")
     kl: float | None = Field(None, description="Mean KL to the reference of the last step.")
     samples_per_second: float | None = Field(None, description="Throughput of the last step.")
+    turns_mean: float | None = Field(
+        None, description="Mean model turns per episode of the last step (spec.environment runs)."
+    )
     last_checkpoint: str | None = Field(None, description="Path of the newest checkpoint.")
     updated_at: str | None = Field(None, description="When the driver last reported.")
 
@@ -777,13 +781,6 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         field="spec.environment",
         message=f"{_OFFLINE_NAMES} train on data.train and run no episodes: remove spec.environment",
         holds=lambda s: ALGORITHMS[s.algorithm].online or s.environment is None,
-    ),
-    CrossFieldRule(
-        cel="!has(self.environment) || self.rollout.engine == 'hf'",
-        field="spec.environment",
-        message="multi-turn episodes run on rollout.engine: hf (the vllm backend generates single turns "
-        "only): set rollout.engine: hf or remove spec.environment",
-        holds=lambda s: s.environment is None or s.rollout.engine == "hf",
     ),
     CrossFieldRule(
         cel=f"!(self.algorithm in {_OFFLINE_CEL}) || !has(self.reward)",

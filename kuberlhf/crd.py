@@ -30,6 +30,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "KL", "type": "number", "jsonPath": ".status.progress.kl", "priority": 1},
     {"name": "Samples/s", "type": "number", "jsonPath": ".status.progress.samplesPerSecond",
      "priority": 1},
+    {"name": "Turns", "type": "number", "jsonPath": ".status.progress.turnsMean", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -52,12 +52,13 @@ def test_kubectl_applies_reads_patches_replaces_and_deletes_rlhfjobs(emulator: E
     assert table[0] == ["NAME", "PHASE", "ALGORITHM", "STEP", "TOTAL", "REWARD", "LOSS", "AGE"]
     assert table[1][:2] == ["tiny-grpo", "grpo"], "the driver fills the progress columns"
 
-    progress = {"step": 4, "totalSteps": int(steps), "rewardMean": 0.25, "kl": 0.5}
+    progress = {"step": 4, "totalSteps": int(steps), "rewardMean": 0.25, "kl": 0.5, "turnsMean": 2.5}
     status = json.dumps({"status": {"phase": "Running", "progress": progress}})
     kubectl(emulator, "patch", "rlhfjob", "tiny-grpo", "--subresource=status", "--type=merge", "-p", status)
     table = rows(kubectl(emulator, "get", "rlhfjobs", "-o", "wide"))
-    assert table[0][-4:] == ["ACCURACY", "KL", "SAMPLES/S", "AGE"]
+    assert table[0][-5:] == ["ACCURACY", "KL", "SAMPLES/S", "TURNS", "AGE"]
     assert table[1][:7] == ["tiny-grpo", "Running", "grpo", "4", steps, "0.25", "0.5"]
+    assert table[1][-2] == "2.5", "the wide table shows the episodes' mean turns"
     assert "Running" in kubectl(emulator, "get", "rlhfjob", "tiny-grpo", "-o", "jsonpath={.status.phase}")
     kubectl(emulator, "wait", "rlhfjob/tiny-grpo", "--for=jsonpath={.status.phase}=Running", "--timeout=5s")
 

@@ -1,4 +1,4 @@
-"""Multi-turn agent RL end to end (local Ray, hf episodes, DeepSpeed on CPU): the reward of
+"""Multi-turn agent RL end to end (local Ray, hf and vllm episodes, DeepSpeed on CPU): the reward of
 multi-turn episodes rises, and a faulty environment fails the step naming itself."""
 
 from __future__ import annotations
@@ -62,13 +62,18 @@ def write_agent_spec(folder: Path, model_dir: Path, env_class: str, **spec: Any)
     return path
 
 
+# The same episode loop drives either engine (rollout.episodes.TurnGenerator).
+ENGINES = {"hf": {"engine": "hf"}, "vllm": {"engine": "vllm", "gpuMemoryUtilization": 0.5}}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_multi_turn_run_raises_the_episode_reward_and_reports_its_turns(
-    ray_session, tiny_model_dir: Path, tmp_path: Path
+    ray_session, tiny_model_dir: Path, tmp_path: Path, engine: str
 ):
     from kuberlhf_workers.control.driver import Driver
 
     spec = write_agent_spec(tmp_path, tiny_model_dir, "envs.py:Digits", data={"maxNewTokens": 8},
-                            schedule={"steps": 8})
+                            schedule={"steps": 8}, rollout=ENGINES[engine])
     metrics = tmp_path / "out" / "metrics.jsonl"
     outcome = Driver(load(spec), tmp_path, tmp_path / "out", callbacks=[JsonlWriter(metrics)]).run()
 
@@ -81,6 +86,9 @@ def test_a_multi_turn_run_raises_the_episode_reward_and_reports_its_turns(
     # " next:\n" after turns 1 and 2 of every episode, never trained on.
     assert all(line["observation_tokens_mean"] > 0 for line in lines)
     assert all(line["episodes_failed"] == 0 for line in lines)
+    # Trainer and engine score the model's tokens alike after every weight sync: were an
+    # observation token scored, or the engine left behind, the measured KL would not stay near 0.
+    assert max(h["approx_kl"] for h in outcome.history) < 1e-2
 
 
 def test_a_step_whose_episodes_fail_beyond_max_failed_share_fails_naming_the_environment(

@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 
 from kuberlhf import crd
-from kuberlhf.api import parse_job
+from kuberlhf.api import Progress, parse_job
 from kuberlhf_operator.kubeapi import KubeApi, object_path
 from kuberlhf_operator.rbac import build_driver_rbac
 from kuberlhf_workers.control.status_reporter import StatusReporter, from_environment, progress_document
@@ -54,6 +54,15 @@ def test_progress_document_uses_the_crd_field_names_and_drops_non_finite_values(
                             "/ckpt/step-3", "2026-01-01T00:00:00Z")
     assert doc == {"step": 3, "totalSteps": 10, "rewardMean": 0.5, "samplesPerSecond": 12.0,
                    "lastCheckpoint": "/ckpt/step-3", "updatedAt": "2026-01-01T00:00:00Z"}
+
+
+def test_progress_document_reports_the_mean_turns_of_environment_runs_only() -> None:
+    single = progress_document(1, 2, {"reward_mean": 0.5}, None, "2026-01-01T00:00:00Z")
+    episodes = progress_document(1, 2, {"reward_mean": 0.5, "turns_mean": 2.25, "turns_max": 3.0}, None,
+                                 "2026-01-01T00:00:00Z")
+    assert "turnsMean" not in single
+    assert episodes["turnsMean"] == 2.25 and "turnsMax" not in episodes
+    Progress.model_validate(episodes)  # the CRD's own model accepts what the driver sends
 
 
 def test_reports_are_coalesced_and_the_last_step_always_lands(

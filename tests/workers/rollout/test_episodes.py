@@ -84,6 +84,8 @@ def test_the_loss_mask_is_zero_exactly_on_observation_tokens_and_one_on_the_mode
     summary = summarize(result)
     assert summary["turns"] == 18 and summary["turns_max"] == 3
     assert summary["observation_tokens"] == 6 * 2 * len(observation)
+    model_tokens = sum(sum(m) for m in result.loss_mask)
+    assert summary["response_tokens"] == model_tokens, "rollout_tokens counts sampled tokens only"
 
 
 def test_the_trainers_logprobs_of_the_model_tokens_equal_the_engines(engine):
@@ -181,7 +183,11 @@ def test_a_faulty_environment_fails_its_episodes_with_reward_zero_and_nothing_tr
     assert result.episode_errors == [error] * 6
     assert result.episode_rewards == [0.0] * 6
     assert all(sum(m) == 0 for m in result.loss_mask or [])
-    assert summarize(result)["episodes_failed"] == 6
+    summary = summarize(result)
+    assert summary["episodes_failed"] == 6
+    # Nothing is trained on, yet what the engine sampled is still counted as sampled, not observed.
+    assert summary["response_tokens"] + summary["observation_tokens"] == sum(map(len, result.response_ids))
+    assert summary["observation_tokens"] == sum(result.observation_tokens or [])
 
 
 @pytest.mark.parametrize(("env_class", "error"), FAULTS, ids=[c.__name__ for c, _ in FAULTS])

@@ -76,6 +76,25 @@ def test_rloo_uses_the_mean_of_the_other_samples() -> None:
     close(group_advantages(REWARDS, 4, "rloo"), [2 / 3, -2 / 3, 2 / 3, -2 / 3, 0, 0, 0, 0])
 
 
+def test_a_failed_episode_takes_no_part_in_its_groups_baseline() -> None:
+    # Group 1: rewards 1, 0, 1 and a failed episode (reward 0, no token trained on). Counted, the
+    # failure would pull the mean to 0.5 and give the siblings +-0.5; left out, the mean is 2/3.
+    rewards = t([1, 0, 1, 0, 2, 2, 2, 2])
+    mask = t([[1, 1]] * 3 + [[0, 0]] + [[1, 1]] * 4)
+    dr, _ = compute_advantages("dr_grpo", rewards, mask, 4)
+    close(dr[:, 0], [1 / 3, -2 / 3, 1 / 3, 0, 0, 0, 0, 0])
+    # rloo: 1 vs the other members (0+1)/2 -> 1/2; 0 vs (1+1)/2 -> -1
+    rloo, _ = compute_advantages("rloo", rewards, mask, 4)
+    close(rloo[:, 0], [0.5, -1, 0.5, 0, 0, 0, 0, 0])
+    # grpo: unbiased std of 1, 0, 1 is sqrt(1/3)
+    grpo, _ = compute_advantages("grpo", rewards, mask, 4)
+    s = math.sqrt(1 / 3)
+    close(grpo[:, 0], [1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 0, 0, 0, 0, 0])
+    # A group whose every episode failed has no baseline and no signal (and no NaN).
+    everyone = compute_advantages("grpo", rewards, torch.zeros_like(mask), 4)[0]
+    assert torch.equal(everyone, torch.zeros_like(mask))
+
+
 def test_group_advantages_reject_bad_groups() -> None:
     with pytest.raises(ValueError, match="samplesPerPrompt"):
         group_advantages(REWARDS, 1, "grpo")

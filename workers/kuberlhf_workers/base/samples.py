@@ -36,8 +36,9 @@ class GenerationResult:
     observations; `loss_mask` (None for single-turn rollouts: every token is the model's) is 1 on
     the model's tokens and 0 on the observations', whose log-probs are 0 placeholders. The episode
     fields are None unless an environment ran: `episode_rewards` (the sum of step rewards, 0 for a
-    failed episode), `turns`, `truncated` (cut by a token limit) and `episode_errors` (why an
-    episode failed, None where it did not).
+    failed episode), `turns`, `truncated` (cut by a token limit), `episode_errors` (why an
+    episode failed, None where it did not) and `observation_tokens` (how many of the response's
+    tokens the environment wrote: a failed episode's mask is all 0, so the mask cannot tell).
     """
 
     prompts: list[str]
@@ -51,6 +52,7 @@ class GenerationResult:
     turns: list[int] | None = None
     truncated: list[bool] | None = None
     episode_errors: list[str | None] | None = None
+    observation_tokens: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -75,15 +77,17 @@ def merge_results(results: list[GenerationResult]) -> GenerationResult:
 
 
 def summarize(result: GenerationResult) -> dict[str, int]:
-    """What the driver learns of a rollout without fetching it (episode counts only with an
-    environment: turns summed and their maximum, observation tokens, failed and truncated episodes)."""
-    summary = {"rows": len(result), "response_tokens": sum(len(r) for r in result.response_ids)}
+    """What the driver learns of a rollout without fetching it: `response_tokens` are the tokens the
+    engine sampled (an episode's observations are not: they were encoded, not generated); episode
+    counts only with an environment: turns summed and their maximum, observation tokens, failed and
+    truncated episodes."""
+    observed = sum(result.observation_tokens or [])
+    summary = {"rows": len(result), "response_tokens": sum(len(r) for r in result.response_ids) - observed}
     if result.turns is not None:
-        masks = result.loss_masks()
         summary.update(
             turns=sum(result.turns),
             turns_max=max(result.turns, default=0),
-            observation_tokens=sum(len(m) - sum(m) for m in masks),
+            observation_tokens=observed,
             episodes_failed=sum(e is not None for e in result.episode_errors or []),
             episodes_truncated=sum(result.truncated or []),
         )

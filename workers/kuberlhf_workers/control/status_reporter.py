@@ -33,6 +33,7 @@ METRIC_KEYS = {
     "eval_reward_accuracy": "evalAccuracy",  # dpo: how often the implicit reward prefers `chosen`
     "eval_reward_mean": "evalRewardMean",
     "eval_pass_at_k": "evalPassAtK",
+    "turns_mean": "turnsMean",  # multi-turn episodes (spec.environment); absent from single-turn steps
 }
 
 

@@ -5,8 +5,9 @@ the observations are encoded once and appended, so no turn is ever re-tokenised 
 re-encoding a context can merge or split tokens, and the trainer would then score ids the engine
 never sampled). The model's tokens get loss mask 1 and their behaviour log-probs, the
 observations' mask 0. An episode whose environment fails scores 0 and is not trained on at all
-(the failure is the environment's, not the model's); when more than maxFailedShare of the episodes
-fail, the rollout fails naming the environment and the first error.
+(the failure is the environment's, not the model's), nor does it enter its group's baseline
+(training/algorithms.group_advantages leaves rows without trained tokens out); when more than
+maxFailedShare of the episodes fail, the rollout fails naming the environment and the first error.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     reward: float = 0.0
     turns: int = 0
+    observed: int = 0  # observation tokens in `response` (the mask cannot tell once an episode failed)
     done: bool = False
     truncated: bool = False
     error: str | None = None
@@ -88,6 +90,7 @@ class Episode:
         self.response += kept
         self.mask += [0] * len(kept)
         self.logprobs += [0.0] * len(kept)
+        self.observed += len(kept)
         if len(kept) < len(ids) or len(self.response) >= max_tokens:
             self.truncated = True
 
@@ -172,6 +175,7 @@ def run_episodes(
         turns=[ep.turns for ep in episodes],
         truncated=[ep.truncated for ep in episodes],
         episode_errors=[ep.error for ep in episodes],
+        observation_tokens=[ep.observed for ep in episodes],
     )
 
 

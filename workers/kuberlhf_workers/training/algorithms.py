@@ -57,22 +57,27 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Estimator
     raise ValueError(f"spec.kl.estimator: got {estimator!r}, allowed: k1, k2, k3")
 
 
-def _normalised(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    return (groups - mean) / (groups.std(dim=1, keepdim=True) + GROUP_STD_EPS)
+def _normalised(groups: torch.Tensor, mean: torch.Tensor, count: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    # Unbiased std over the group's members that count (all of them unless episodes failed).
+    var = ((groups - mean) ** 2 * valid).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    return (groups - mean) / (var.sqrt() + GROUP_STD_EPS)
 
 
-def _centred(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def _centred(groups: torch.Tensor, mean: torch.Tensor, count: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor:
     return groups - mean
 
 
-def _leave_one_out(groups: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    # r_i - mean of the others == G/(G-1) * (r_i - group mean)
-    size = groups.shape[1]
-    return (groups - mean) * size / (size - 1)
+def _leave_one_out(groups: torch.Tensor, mean: torch.Tensor, count: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+    # r_i - mean of the others == G/(G-1) * (r_i - group mean), G the members that count
+    return (groups - mean) * count / (count - 1).clamp(min=1)
 
 
+GroupBaseline = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # How each group estimator baselines a reward against its prompt's other samples.
-GROUP_BASELINES: dict[Algorithm, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+GROUP_BASELINES: dict[Algorithm, GroupBaseline] = {
     "grpo": _normalised,
     "dr_grpo": _centred,
     "reinforce_pp_baseline": _centred,
@@ -80,8 +85,15 @@ GROUP_BASELINES: dict[Algorithm, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, algorithm: Algorithm) -> torch.Tensor:
-    """Baseline each completion's reward against the other completions of the same prompt."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, algorithm: Algorithm, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Baseline each completion's reward against the other completions of the same prompt.
+
+    Rows where `valid` is False (no token is trained on: a multi-turn episode whose environment
+    failed) take no part in their group's mean, std or leave-one-out count, and get advantage 0:
+    their reward 0 says nothing of the model, and counting it would raise its siblings'
+    advantages for the environment's fault."""
     if algorithm not in GROUP_BASELINES:
         raise ValueError(
             f"spec.algorithm: {algorithm!r} is not a group estimator ({', '.join(GROUP_ALGORITHMS)})"
@@ -92,8 +104,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, algorithm: Algorith
             f"dividing the batch; got group size {group_size} for {rewards.numel()} rewards"
         )
     groups = rewards.reshape(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    return GROUP_BASELINES[algorithm](groups, mean).reshape(-1)
+    members = (torch.ones_like(rewards) if valid is None else valid.to(rewards.dtype)).reshape(groups.shape)
+    count = members.sum(dim=1, keepdim=True)
+    mean = (groups * members).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    return (GROUP_BASELINES[algorithm](groups, mean, count, members) * members).reshape(-1)
 
 
 def gae(
@@ -174,7 +188,7 @@ def _reinforce_pp(x: EstimatorInput) -> Advantages:
     baseline variant first subtracts each prompt group's mean reward."""
     rewards = x.rewards
     if ALGORITHMS[x.algorithm].group_baseline:
-        rewards = group_advantages(rewards, x.group_size, x.algorithm)
+        rewards = group_advantages(rewards, x.group_size, x.algorithm, trained_rows(x.mask))
     returns = discounted_returns(token_rewards(rewards, x.mask, x.penalty_kl, x.kl_coef), x.mask, x.gamma)
     return masked_whiten(returns, x.mask), None
 
@@ -185,7 +199,13 @@ def _group(x: EstimatorInput) -> Advantages:
     rewards = x.rewards
     if x.penalty_kl is not None:
         rewards = rewards - x.kl_coef * masked_sum(x.penalty_kl, x.mask, dim=1)
-    return group_advantages(rewards, x.group_size, x.algorithm)[:, None] * x.mask, None
+    advantages = group_advantages(rewards, x.group_size, x.algorithm, trained_rows(x.mask))
+    return advantages[:, None] * x.mask, None
+
+
+def trained_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Rows with at least one token in the loss (all but failed episodes)."""
+    return mask.sum(dim=1) > 0
 
 
 ESTIMATORS: dict[Algorithm, Callable[[EstimatorInput], Advantages]] = {
