@@ -24,6 +24,7 @@ from kuberlhf_workers.rollout.vllm_engine import (
     request_seed,
     sampling_kwargs,
     split_complete,
+    token_batches,
     unfuse,
 )
 
@@ -71,6 +72,11 @@ def test_each_prompt_gets_its_own_seed_and_greedy_ignores_top_p() -> None:
     greedy = sampling_kwargs(GenerationRequest(["a"], 3, 16, temperature=0.0, top_p=0.5), 0)
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0
     assert greedy["n"] == 3 and greedy["max_tokens"] == 16 and greedy["logprobs"] == 0
+
+
+def test_turn_contexts_are_batched_to_fit_one_scheduler_step() -> None:
+    assert token_batches([3, 4, 2, 5, 9, 1], 8) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 6)]
+    assert token_batches([], 8) == []
 
 
 def test_fused_parts_wait_until_their_module_is_complete() -> None:

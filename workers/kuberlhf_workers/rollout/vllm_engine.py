@@ -74,6 +74,19 @@ def turn_sampling_kwargs(request: GenerationRequest, max_tokens: int, seed: int,
     return {**sampling_kwargs(request, 0), "n": 1, "max_tokens": max_tokens, "seed": mix_seed(seed, row)}
 
 
+def token_batches(lengths: list[int], limit: int) -> list[slice]:
+    """Consecutive runs of rows whose lengths sum to at most `limit` (a longer row runs alone)."""
+    batches, start, total = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and total + length > limit:
+            batches.append(slice(start, i))
+            start, total = i, 0
+        total += length
+    if lengths:
+        batches.append(slice(start, len(lengths)))
+    return batches
+
+
 def fused_group(name: str) -> tuple[str, int] | None:
     """(fused parameter name, number of parts) when `name` is one part of a vLLM-fused module."""
     parts = name.split(".")
@@ -239,11 +252,15 @@ class VLLMBackend:
             SamplingParams(**turn_sampling_kwargs(request, budget, seed, row))
             for row, budget in enumerate(max_new_tokens)
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         turns = []
-        for output in outputs:
-            completion = output.outputs[0]
-            turns.append(Turn(list(completion.token_ids), sampled_logprobs(completion)))
+        # Each call's contexts fit one scheduler step, so no context is prefilled in chunks: vLLM
+        # rewinds a chunked seeded request's generator, which CPU generators cannot do ("CPU
+        # Generator does not use offset"); long multi-turn contexts reach that limit.
+        limit = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        for part in token_batches([len(c) for c in contexts], limit):
+            for output in self.llm.generate(prompts[part], params[part], use_tqdm=False):
+                completion = output.outputs[0]
+                turns.append(Turn(list(completion.token_ids), sampled_logprobs(completion)))
         return turns
 
     def sleep(self) -> None:
