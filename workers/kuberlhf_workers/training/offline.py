@@ -24,6 +24,7 @@ from kuberlhf_workers.training.algorithms import dpo_loss, pairwise_loss, sft_lo
 from kuberlhf_workers.training.batch import Batch, collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
 from kuberlhf_workers.training.layout import train_layout
+from kuberlhf_workers.training.lora import with_lora
 from kuberlhf_workers.training.packing import pack, packed_logprobs
 from kuberlhf_workers.training.rank import DeepSpeedRank
 
@@ -275,7 +276,8 @@ class OfflineTrainerWorker:
 
     def init_world(self, master: tuple[str, int]) -> None:
         build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
-        self.rank.join(master, build, self.spec.schedule.step_timeout_seconds)
+        timeout = self.spec.schedule.step_timeout_seconds
+        self.rank.join(master, with_lora(build, self.spec.actor.lora), timeout)
 
     def train(self, examples: list[Example]) -> Metrics:
         """One optimizer step over this rank's shard of `examples`; rank 0 returns the metrics."""

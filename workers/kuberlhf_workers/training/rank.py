@@ -26,6 +26,7 @@ from kuberlhf_workers.base.transports import (
     plan_buckets,
 )
 from kuberlhf_workers.training.layout import Layout, deepspeed_config
+from kuberlhf_workers.training.lora import OutWeight, base_model, export_weights, sync_weights
 
 # Largest safetensors file an export writes, and so the most full weights it gathers at once.
 EXPORT_SHARD_BYTES = 2 * 2**30
@@ -85,7 +86,7 @@ class DeepSpeedRank:
         if isinstance(hidden, int):
             config = deepspeed_config(self.trainer, self.layout, self.device.type == "cuda", hidden)
         self._model, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=config
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )
         del sharded
         self.memory_mib["after_initialize"] = resident_mib()
@@ -101,18 +102,19 @@ class DeepSpeedRank:
     # -- weights out ------------------------------------------------------------------------------
 
     def param_meta(self) -> list[ParamMeta]:
-        return [param_meta(n, p) for n, p in self.model.module.named_parameters()]
+        """What a weight sync sends: every weight, or under LoRA only the merged adapted ones."""
+        return _metas(sync_weights(self.model.module))
 
-    def _full_buckets(self, plan: list[list[ParamMeta]]) -> Iterator[NamedTensors]:
-        named = dict(self.model.module.named_parameters())
+    def _full_buckets(self, plan: list[list[ParamMeta]], out: dict[str, OutWeight]) -> Iterator[NamedTensors]:
         for bucket in plan:
-            params = [named[m.name] for m in bucket]
+            params = [p for m in bucket for p in out[m.name][0]]
             with self.gathered(params):
-                yield [(m.name, p.data) for m, p in zip(bucket, params, strict=True)]
+                yield [(m.name, out[m.name][1]()) for m in bucket]
 
     def send_weights(self, bucket_bytes: int) -> Any:
         """All ranks call this (ZeRO-3 gathers are collective); only rank 0 sends."""
-        buckets = self._full_buckets(plan_buckets(self.param_meta(), bucket_bytes))
+        out = sync_weights(self.model.module)
+        buckets = self._full_buckets(plan_buckets(_metas(out), bucket_bytes), out)
         if self.rank == 0:
             if self.sender is None:
                 raise RuntimeError("send_weights before join_weight_sync: no weight-sync group yet")
@@ -122,11 +124,12 @@ class DeepSpeedRank:
         return None
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """Full parameters (gathered under ZeRO-3, so every rank must call it)."""
+        """Full parameters in the base model's names, adapted ones merged under LoRA (gathered
+        under ZeRO-3, so every rank must call it)."""
         out = {}
-        for name, p in self.model.module.named_parameters():
-            with self.gathered([p]):
-                out[name] = p.data.detach().float().cpu().clone()
+        for name, (params, tensor) in export_weights(self.model.module).items():
+            with self.gathered(params):
+                out[name] = tensor().detach().float().cpu().clone()
         return out
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -148,13 +151,14 @@ class DeepSpeedRank:
         never holds more than `shard_bytes` of full weights, whatever the model's size."""
         from safetensors.torch import save_file
 
-        module = self.model.module
+        module = base_model(self.model.module)
+        weights = export_weights(self.model.module)  # under LoRA: merged, in the base model's names
         out = Path(hf_dir)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
                 stale.unlink()
-        buckets = self._full_buckets(plan_buckets(self.param_meta(), shard_bytes))
+        buckets = self._full_buckets(plan_buckets(_metas(weights), shard_bytes), weights)
         files: list[list[str]] = []
         total = 0
         for i, bucket in enumerate(buckets):
@@ -184,6 +188,12 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def _metas(out: dict[str, OutWeight]) -> list[ParamMeta]:
+    """Shapes and dtypes of the weights out: each has its first parameter's (a merged weight is
+    the base weight's shape)."""
+    return [param_meta(name, params[0]) for name, (params, _) in out.items()]
 
 
 def resident_mib() -> float:
