@@ -3,16 +3,18 @@ a weight sync hands the engine exactly the merged weights, and the export loads 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from run_specs import job_dict
+from run_specs import REPO, job_dict
 
 from kuberlhf.api import parse_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+STEPS = 8
 LORA = {"rank": 8, "alpha": 16, "targetModules": ["all-linear"]}
 
 
@@ -28,16 +30,15 @@ def test_grpo_with_lora_learns_syncs_merged_weights_and_exports_a_plain_model(
 
     from kuberlhf_workers.control.driver import Driver
 
-    job = parse_job(job_dict(tiny_model_dir, actor={"learningRate": 3e-2, "microBatchSize": 16, "lora": LORA}, schedule={"steps": 6}))
-    (tmp_path / "digits.py").write_text(
-        "def reward(prompts, completions, **kw):\n    return [float(c.count('1')) for c in completions]\n"
-    )
+    actor = {"learningRate": 5e-2, "microBatchSize": 16, "lora": LORA}
+    job = parse_job(job_dict(tiny_model_dir, actor=actor, schedule={"steps": STEPS}))
+    shutil.copy(REPO / "examples" / "rewards" / "digits.py", tmp_path / "digits.py")
     driver = Driver(job, tmp_path, tmp_path / "out")
     driver.setup()
     exported = tmp_path / "exported"
     try:
         before = ray.get(driver.rollouts[0].parameters())
-        rewards = [driver.train_step(step)["reward_mean"] for step in range(6)]
+        rewards = [driver.train_step(step)["reward_mean"] for step in range(STEPS)]
         merged = ray.get(driver.actors[0].parameters())
         synced = ray.get(driver.rollouts[0].parameters())
         meta = ray.get(driver.actors[0].param_meta())

@@ -32,8 +32,13 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets: str | list[str] = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
-    peft_model: torch.nn.Module = get_peft_model(model, config)  # type: ignore[arg-type]
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # typed int, used as a float scale
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+    )
+    peft_model: torch.nn.Module = get_peft_model(model, config)
     # Gradient checkpointing re-runs frozen embeddings whose outputs need grad for the adapters.
     peft_model.enable_input_require_grads()  # type: ignore[operator]
     return peft_model
@@ -97,17 +102,17 @@ def export_weights(module: torch.nn.Module) -> dict[str, OutWeight]:
     """Every weight of the base model, adapted ones merged: a from_pretrained folder without peft."""
     if not is_lora(module):
         return _plain(module)
-    out = {
-        base_name(name): ([p], lambda p=p: p.data)
-        for name, p in module.named_parameters()
-        if not is_adapter(name)
-    }
+    out = {base_name(name): _as_is(p) for name, p in module.named_parameters() if not is_adapter(name)}
     out.update(sync_weights(module))
     return out
 
 
 def _plain(module: torch.nn.Module) -> dict[str, OutWeight]:
-    return {name: ([p], lambda p=p: p.data) for name, p in module.named_parameters()}
+    return {name: _as_is(p) for name, p in module.named_parameters()}
+
+
+def _as_is(param: torch.nn.Parameter) -> OutWeight:
+    return [param], lambda: param.data
 
 
 def trainable_count(module: torch.nn.Module) -> int:

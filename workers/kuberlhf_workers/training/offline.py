@@ -83,7 +83,8 @@ class SFTObjective:
     """Next-token likelihood of the responses only (prompt tokens are context, not targets)."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
         self.packing = spec.data.max_length if spec.data.packing else None
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
@@ -118,7 +119,8 @@ class RewardModelObjective:
     """A scalar head on the LM body, trained so chosen outscores rejected (Bradley-Terry)."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -165,7 +167,8 @@ class DPOObjective:
     log-probs are computed per micro-batch, under no_grad."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
         self.dpo = spec.dpo or DPOSpec()
         self.reference_path = reference
         self.reference: torch.nn.Module | None = None
