@@ -14,7 +14,7 @@ from kuberlhf.api import parse_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-STEPS = 8
+STEPS = 10
 LORA = {"rank": 8, "alpha": 16, "targetModules": ["all-linear"]}
 
 
@@ -30,7 +30,7 @@ def test_grpo_with_lora_learns_syncs_merged_weights_and_exports_a_plain_model(
 
     from kuberlhf_workers.control.driver import Driver
 
-    actor = {"learningRate": 5e-2, "microBatchSize": 16, "lora": LORA}
+    actor = {"learningRate": 1e-1, "microBatchSize": 16, "lora": LORA}
     job = parse_job(job_dict(tiny_model_dir, actor=actor, schedule={"steps": STEPS}))
     shutil.copy(REPO / "examples" / "rewards" / "digits.py", tmp_path / "digits.py")
     driver = Driver(job, tmp_path, tmp_path / "out")
