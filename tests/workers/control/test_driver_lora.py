@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_specs import REPO, job_dict
+from run_specs import REPO, job_dict, load, write_spec
 
 from kuberlhf.api import parse_job
 
@@ -63,3 +63,34 @@ def test_grpo_with_lora_learns_syncs_merged_weights_and_exports_a_plain_model(
         assert torch.equal(loaded[name].detach(), tensor), f"{name} differs in the exported model"
     full = sum(t.numel() * 4 for t in before.values())
     print(f"LoRA sync bytes {_sync_bytes(meta)} of {full} for every weight; rewards {rewards}")
+
+
+def test_grpo_with_lora_stopped_and_resumed_ends_like_an_unbroken_run(
+    ray_session, tiny_model_dir: Path, tmp_path: Path
+):
+    """The adapters (and their optimizer state) are in DeepSpeed's checkpoint: a resumed run
+    continues them instead of starting from fresh adapters."""
+    from safetensors.torch import load_file
+
+    from kuberlhf_workers.control.driver import Driver
+
+    actor = {"learningRate": 2e-2, "microBatchSize": 16, "lora": LORA}
+    spec = write_spec(tmp_path / "spec", tiny_model_dir, actor=actor, schedule={"steps": 4})
+    unbroken = Driver(load(spec), spec.parent, tmp_path / "unbroken").run()
+
+    def stop_at_two(step: int, total: int, metrics: dict, last: str | None) -> None:
+        if step == 2:
+            stopping.request_stop()
+
+    stopping = Driver(load(spec), spec.parent, tmp_path / "run", callbacks=[stop_at_two])
+    assert stopping.run().step == 2
+    resumed = Driver(load(spec), spec.parent, tmp_path / "run").run()
+
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    for before, after in zip(unbroken.history[2:], resumed.history, strict=True):
+        assert after["reward_mean"] == pytest.approx(before["reward_mean"], abs=1e-6), after["step"]
+    final_a = load_file(str(Path(str(unbroken.model)) / "model.safetensors"))
+    final_b = load_file(str(Path(str(resumed.model)) / "model.safetensors"))
+    assert set(final_a) == set(final_b) and not any("lora" in n for n in final_a)
+    for name, tensor in final_a.items():
+        assert torch.allclose(final_b[name], tensor, atol=1e-5), f"{name} differs after resume"
