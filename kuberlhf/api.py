@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kuberlhf.io"
@@ -370,6 +370,51 @@ class TrainerSpec(_Model):
         return self.replicas * self.resources.slots
 
 
+# vLLM loads these HF projections as one fused weight each, so a LoRA that touches one of a group
+# (and so syncs only that one) would leave the engine waiting for the others.
+VLLM_FUSED_PROJECTIONS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+)
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+class LoraSpec(_Model):
+    """Low-rank adapters on the actor (peft): only the adapters train, and the rollout engines
+    receive just the merged weights of the modules they touch."""
+
+    rank: int = Field(8, ge=1, le=1024, description="Rank r of each adapter's A (r x in) and B (out x r).")
+    alpha: float = Field(16.0, gt=0, le=65536, description="Scale: the update added is B @ A * alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input while training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=64,
+        description='Module names (or name suffixes) that get adapters; ["all-linear"] for every linear '
+        "layer but the output head.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        if "all-linear" in names and len(names) > 1:
+            raise ValueError('"all-linear" stands alone: use ["all-linear"] or a list of module names')
+        bad = [n for n in names if n != "all-linear" and not _MODULE_NAME.match(n)]
+        if bad:
+            raise ValueError(f"not module names: {bad} (e.g. q_proj, or model.layers.0.mlp.up_proj)")
+        return names
+
+
+class ActorSpec(TrainerSpec):
+    """The policy trainer: a TrainerSpec that may train LoRA adapters instead of every weight."""
+
+    lora: LoraSpec | None = Field(None, description="Train low-rank adapters instead of every weight.")
+
+
+def splits_fused(names: list[str]) -> bool:
+    """Whether LoRA targets name some but not all projections of a vLLM-fused group."""
+    if names == ["all-linear"]:
+        return False
+    return any(0 < sum(m in names for m in group) < len(group) for group in VLLM_FUSED_PROJECTIONS)
+
+
 class ReferenceSpec(_Model):
     """Placement of the frozen reference model (only used when kl.coef > 0)."""
 
@@ -567,7 +612,7 @@ class RLHFJobSpec(_Model):
     )
     data: DataSpec = Field(default_factory=DataSpec, description="Prompt source.")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation engines.")
-    actor: TrainerSpec = Field(default_factory=TrainerSpec, description="Policy trainer.")
+    actor: ActorSpec = Field(default_factory=ActorSpec, description="Policy trainer.")
     critic: TrainerSpec | None = Field(None, description="Value trainer; ppo only.")
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec, description="Reference model.")
     kl: KLSpec = Field(default_factory=KLSpec, description="KL regularisation.")
@@ -907,6 +952,31 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         "(replicas * resources.gpus, or replicas on CPU)",
         holds=lambda s: s.actor.global_batch_size is None
         or s.actor.global_batch_size % (s.actor.micro_batch_size * s.actor.world_size) == 0,
+    ),
+    CrossFieldRule(
+        cel="!has(self.actor.lora) || self.algorithm != 'rm'",
+        field="spec.actor.lora",
+        message="a reward model trains a new score head, which adapters leave frozen: remove actor.lora",
+        holds=lambda s: s.actor.lora is None or s.algorithm != "rm",
+    ),
+    CrossFieldRule(
+        cel="!has(self.actor.lora) || self.actor.zeroStage < 3",
+        field="spec.actor.lora",
+        message="LoRA runs with ZeRO stages 0-2 (the adapters are small; stage 3 shards the frozen base "
+        "for no gain): set actor.zeroStage to 2 or remove actor.lora",
+        holds=lambda s: s.actor.lora is None or s.actor.zero_stage < 3,
+    ),
+    CrossFieldRule(
+        cel="!has(self.actor.lora) || self.rollout.engine != 'vllm' || "
+        "self.actor.lora.targetModules == ['all-linear'] || "
+        + " && ".join(
+            f"(('{g[0]}' in self.actor.lora.targetModules) == ('{m}' in self.actor.lora.targetModules))"
+            for g in VLLM_FUSED_PROJECTIONS for m in g[1:]
+        ),
+        field="spec.actor.lora.targetModules",
+        message="vLLM fuses q_proj/k_proj/v_proj and gate_proj/up_proj: name all of a group or none of it",
+        holds=lambda s: s.actor.lora is None or s.rollout.engine != "vllm"
+        or not splits_fused(s.actor.lora.target_modules),
     ),
 )
 

@@ -306,6 +306,40 @@ def test_a_prompt_mix_validates_with_its_weights_and_the_per_source_cap() -> Non
 def test_a_bad_prompt_mix_names_the_field(data: dict[str, Any], field: str, hint: str) -> None:
     obj = sample()
     obj["spec"]["data"] = data
+
+def test_actor_lora_defaults_to_the_attention_projections() -> None:
+    job = api.parse_job(_set(sample(), "spec.actor.lora", {}))
+    lora = job.spec.actor.lora
+    assert lora is not None and (lora.rank, lora.alpha, lora.dropout) == (8, 16.0, 0.0)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert api.parse_job(sample()).spec.actor.lora is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "hint"),
+    [
+        ({"spec.actor.lora": {"rank": 0}}, "spec.actor.lora.rank", "greater than or equal to 1"),
+        ({"spec.actor.lora": {"dropout": 1.0}}, "spec.actor.lora.dropout", "less than 1"),
+        ({"spec.actor.lora": {"targetModules": []}}, "spec.actor.lora.targetModules", "at least 1"),
+        (
+            {"spec.actor.lora": {"targetModules": ["all-linear", "q_proj"]}},
+            "spec.actor.lora.targetModules", "stands alone",
+        ),
+        ({"spec.actor.lora": {"targetModules": ["q proj"]}}, "spec.actor.lora.targetModules", "not module"),
+        ({"spec.actor.lora": {}, "spec.actor.zeroStage": 3}, "spec.actor.lora", "zeroStage to 2"),
+        (
+            {"spec.actor.lora": {"targetModules": ["q_proj"]}, "spec.rollout.engine": "vllm"},
+            "spec.actor.lora.targetModules", "all of a group",
+        ),
+        ({"spec.critic": {"lora": {}}}, "spec.critic.lora", "unknown field"),
+    ],
+)
+def test_lora_combinations_that_cannot_work_name_the_field(
+    changes: dict[str, Any], field: str, hint: str
+) -> None:
+    obj = sample()
+    for path, value in changes.items():
+        _set(obj, path, value)
     problems = problems_of(obj)
     assert any(p.startswith(field + ":") and hint in p for p in problems), problems
 
@@ -365,3 +399,10 @@ def test_dynamic_sampling_without_a_group_estimator_or_with_async_rollouts_is_re
     ]
     single = _set(_set(sample(), "spec.rollout.dynamicSampling", on), "spec.rollout.samplesPerPrompt", 1)
     assert [p.split(":")[0] for p in problems_of(single)] == ["spec.rollout.samplesPerPrompt"]
+
+def test_lora_with_vllm_accepts_whole_fused_groups() -> None:
+    obj = _set(sample(), "spec.rollout.engine", "vllm")
+    _set(obj, "spec.actor.lora", {"targetModules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]})
+    assert api.parse_job(obj).spec.actor.lora is not None
+    _set(obj, "spec.actor.lora", {"targetModules": ["all-linear"]})
+    assert api.parse_job(obj).spec.actor.lora is not None

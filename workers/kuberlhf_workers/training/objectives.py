@@ -47,7 +47,7 @@ class PolicyObjective:
 
     def __init__(self, spec: RLHFJobSpec):
         self.spec = spec
-        self.trainer = spec.actor
+        self.trainer: TrainerSpec = spec.actor
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM

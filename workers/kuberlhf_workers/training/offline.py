@@ -24,6 +24,7 @@ from kuberlhf_workers.training.algorithms import dpo_loss, pairwise_loss, sft_lo
 from kuberlhf_workers.training.batch import Batch, collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
 from kuberlhf_workers.training.layout import train_layout
+from kuberlhf_workers.training.lora import with_lora
 from kuberlhf_workers.training.packing import pack, packed_logprobs
 from kuberlhf_workers.training.rank import DeepSpeedRank
 
@@ -82,7 +83,8 @@ class SFTObjective:
     """Next-token likelihood of the responses only (prompt tokens are context, not targets)."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
         self.packing = spec.data.max_length if spec.data.packing else None
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
@@ -117,7 +119,8 @@ class RewardModelObjective:
     """A scalar head on the LM body, trained so chosen outscores rejected (Bradley-Terry)."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -164,7 +167,8 @@ class DPOObjective:
     log-probs are computed per micro-batch, under no_grad."""
 
     def __init__(self, spec: RLHFJobSpec, pad_id: int, reference: str | None = None):
-        self.trainer, self.pad_id = spec.actor, pad_id
+        self.trainer: TrainerSpec = spec.actor
+        self.pad_id = pad_id
         self.dpo = spec.dpo or DPOSpec()
         self.reference_path = reference
         self.reference: torch.nn.Module | None = None
@@ -276,7 +280,8 @@ class OfflineTrainerWorker:
 
     def init_world(self, master: tuple[str, int]) -> None:
         build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
-        self.rank.join(master, build, self.spec.schedule.step_timeout_seconds)
+        timeout = self.spec.schedule.step_timeout_seconds
+        self.rank.join(master, with_lora(build, self.spec.actor.lora), timeout)
 
     def train(self, examples: list[Example]) -> Metrics:
         """One optimizer step over this rank's shard of `examples`; rank 0 returns the metrics."""

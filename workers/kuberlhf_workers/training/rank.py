@@ -27,6 +27,7 @@ from kuberlhf_workers.base.transports import (
     plan_buckets,
 )
 from kuberlhf_workers.training.layout import Layout, deepspeed_config
+from kuberlhf_workers.training.lora import OutWeight, Reader, base_model, export_weights, sync_weights
 from kuberlhf_workers.training.master import master_weight
 
 # Largest safetensors file an export writes, and so the most full weights it gathers at once.
@@ -98,7 +99,7 @@ class DeepSpeedRank:
         if isinstance(hidden, int):
             config = deepspeed_config(self.trainer, self.layout, on_gpu, hidden, bf16=bf16)
         self._model, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=config
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )
         del sharded
         self.memory_mib["after_initialize"] = resident_mib()
@@ -114,23 +115,29 @@ class DeepSpeedRank:
     # -- weights out ------------------------------------------------------------------------------
 
     def param_meta(self) -> list[ParamMeta]:
-        return [param_meta(n, p) for n, p in self.model.module.named_parameters()]
+        """What a weight sync sends: every weight, or under LoRA only the merged adapted ones."""
+        return _metas(sync_weights(self.model.module))
 
-    def _full_buckets(self, plan: list[list[ParamMeta]], master: bool = False) -> Iterator[NamedTensors]:
-        """Full tensors bucket by bucket: the module's (what the rollout engines compute with), or
-        with `master` the optimizer's fp32 master weights (what an export keeps)."""
-        named = dict(self.model.module.named_parameters())
+    def _full_buckets(
+        self, plan: list[list[ParamMeta]], out: dict[str, OutWeight], master: bool = False
+    ) -> Iterator[NamedTensors]:
+        """Full tensors bucket by bucket, read from the module (what the rollout engines compute
+        with) or with `master` from the optimizer's fp32 master weights (what an export keeps)."""
+        read = self._reader(master)
         for bucket in plan:
-            params = [named[m.name] for m in bucket]
+            params = [p for m in bucket for p in out[m.name][0]]
             with self.gathered(params):
-                yield [
-                    (m.name, master_weight(self.model, p) if master else p.data)
-                    for m, p in zip(bucket, params, strict=True)
-                ]
+                yield [(m.name, out[m.name][1](read)) for m in bucket]
+
+    def _reader(self, master: bool) -> Reader:
+        if master:
+            return lambda p: master_weight(self.model, p)
+        return lambda p: p.data
 
     def send_weights(self, bucket_bytes: int) -> Any:
         """All ranks call this (ZeRO-3 gathers are collective); only rank 0 sends."""
-        buckets = self._full_buckets(plan_buckets(self.param_meta(), bucket_bytes))
+        out = sync_weights(self.model.module)
+        buckets = self._full_buckets(plan_buckets(_metas(out), bucket_bytes), out)
         if self.rank == 0:
             if self.sender is None:
                 raise RuntimeError("send_weights before join_weight_sync: no weight-sync group yet")
@@ -140,13 +147,14 @@ class DeepSpeedRank:
         return None
 
     def parameters(self, master: bool = False) -> dict[str, torch.Tensor]:
-        """Full parameters as float32 (gathered under ZeRO, so every rank must call it): the module's,
-        or with `master` the optimizer's fp32 master weights (the same in fp32 training)."""
+        """Full parameters as float32 in the base model's names, adapted ones merged under LoRA
+        (gathered under ZeRO, so every rank must call it): the module's, or with `master` the
+        optimizer's fp32 master weights (the same in fp32 training)."""
         out = {}
-        for name, p in self.model.module.named_parameters():
-            with self.gathered([p]):
-                full = master_weight(self.model, p) if master else p.data
-                out[name] = full.detach().float().cpu().clone()
+        read = self._reader(master)
+        for name, (params, tensor) in export_weights(self.model.module).items():
+            with self.gathered(params):
+                out[name] = tensor(read).detach().float().cpu().clone()
         return out
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -169,14 +177,15 @@ class DeepSpeedRank:
         are the fp32 master weights, also after bf16 training (training.master)."""
         from safetensors.torch import save_file
 
-        module = self.model.module
+        module = base_model(self.model.module)
+        weights = export_weights(self.model.module)  # under LoRA: merged, in the base model's names
         out = Path(hf_dir)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
                 stale.unlink()
-        fp32 = [ParamMeta(m.name, m.shape, "float32") for m in self.param_meta()]
-        buckets = self._full_buckets(plan_buckets(fp32, shard_bytes), master=True)
+        fp32 = [ParamMeta(m.name, m.shape, "float32") for m in _metas(weights)]
+        buckets = self._full_buckets(plan_buckets(fp32, shard_bytes), weights, master=True)
         files: list[list[str]] = []
         total = 0
         for i, bucket in enumerate(buckets):
@@ -206,6 +215,12 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def _metas(out: dict[str, OutWeight]) -> list[ParamMeta]:
+    """Shapes and dtypes of the weights out: each has its first parameter's (a merged weight is
+    the base weight's shape)."""
+    return [param_meta(name, params[0]) for name, (params, _) in out.items()]
 
 
 def resident_mib() -> float:

@@ -22,6 +22,7 @@ from kuberlhf_workers.base.transports import ParamMeta, WeightTransport, free_ad
 from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import Experience, make_experience
 from kuberlhf_workers.training.layout import train_layout
+from kuberlhf_workers.training.lora import with_lora
 from kuberlhf_workers.training.objectives import OBJECTIVES, PolicyObjective, ValueObjective
 from kuberlhf_workers.training.rank import EXPORT_SHARD_BYTES, DeepSpeedRank
 
@@ -65,7 +66,8 @@ class TrainerWorker:
     def init_world(self, master: tuple[str, int]) -> None:
         """Load the model and join the data-parallel world; all ranks must call this concurrently."""
         build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
-        self.rank.join(master, build, self.spec.schedule.step_timeout_seconds)
+        lora = self.spec.actor.lora if self.role == "actor" else None
+        self.rank.join(master, with_lora(build, lora), self.spec.schedule.step_timeout_seconds)
 
     # -- training ---------------------------------------------------------------------------------
 
