@@ -633,8 +633,8 @@ class RLHFJobSpec(_Model):
         "auto", description="Numerics of every model of the job, one setting so the rollout engines "
         "sample with the trainer's rounding: bf16 computes in bfloat16 (the trainers keep fp32 master "
         "weights and optimizer state; checkpoints and the exported model are fp32); fp32 computes in "
-        "float32; auto is bf16 where the hardware has it (a GPU with bf16, a CPU with AVX-512 BF16 or "
-        "AMX) and fp32 elsewhere, decided by each worker on its own node.",
+        "float32; auto is bf16 on a GPU with bf16 and fp32 on CPUs (there bf16 was slower for the small "
+        "models a CPU trains), decided by each worker on its own node.",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, sampling and initialisation.")
     image: str = Field("kuberlhf/worker:0.1.0", description="Worker image the Ray pods run.")

@@ -1,5 +1,5 @@
-"""spec.precision: which dtype "auto" picks on which CPU, and that the real models compute in it
-(a one-rank DeepSpeed world on gloo, the hf rollout backend, the reference and the reward model)
+"""spec.precision: which dtype "auto" picks, which CPUs multiply bf16 natively, and that the real
+models compute in it (a one-rank DeepSpeed world on gloo, the hf rollout backend, the reference and the reward model)
 while the trainer's master weights, and so the export, stay fp32."""
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def test_a_cpu_has_bf16_only_with_avx512_bf16_amx_or_the_arm_extension(cpuinfo: 
     assert cpu_has_bf16(cpuinfo) is native
 
 
-def test_fp32_and_bf16_are_honoured_and_auto_follows_the_hardware():
+def test_fp32_and_bf16_are_honoured_and_auto_is_fp32_on_a_cpu():
     assert compute_dtype("fp32", CPU) == torch.float32
     assert compute_dtype("bf16", CPU) == torch.bfloat16
-    assert compute_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert compute_dtype("auto", CPU) == torch.float32
 
 
 def test_precision_is_a_top_level_field_defaulting_to_auto_and_refusing_others():

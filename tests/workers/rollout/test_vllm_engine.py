@@ -199,6 +199,35 @@ def test_a_gloo_sync_into_vllm_matches_the_trainer_model(engine, tiny_model_dir:
     assert engine.generate(request).response_ids == [hf_greedy(trainer, tokenizer, p, 16) for p in PROMPTS]
 
 
+def test_a_lora_sync_of_only_the_adapted_weights_makes_vllm_generate_as_the_merged_actor(
+    engine, tiny_model_dir: Path
+) -> None:
+    """actor.lora: the engine holds the base model and receives only the merged q/k/v/o weights
+    (base names, fused by vLLM on arrival); it must then generate what the merged actor does."""
+    from kuberlhf.api import LoraSpec
+    from kuberlhf_workers.training.lora import apply_lora, sync_weights
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine.load_weights((n, p.detach().clone()) for n, p in base.named_parameters())  # the base again
+    actor = apply_lora(base, LoraSpec(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if "lora_B" in name:  # as after training: the adapters have moved off zero
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    out = sync_weights(actor)
+    named = [(name, tensor(lambda p: p.data).detach().clone()) for name, (_, tensor) in out.items()]
+    assert named and all(n.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for n, _ in named)
+    sync_over("gloo", named, engine, "cpu", timeout_s=60)
+    merged = actor.merge_and_unload().eval()  # type: ignore[operator]
+    request = GenerationRequest(PROMPTS, samples_per_prompt=1, max_new_tokens=16, temperature=0.0)
+    expected = [hf_greedy(merged, tokenizer, p, 16) for p in PROMPTS]
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert expected != [hf_greedy(plain, tokenizer, p, 16) for p in PROMPTS], "the adapters must matter"
+    assert engine.generate(request).response_ids == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2,
