@@ -1,6 +1,6 @@
 """spec.precision: which dtype "auto" picks, which CPUs multiply bf16 natively, and that the real
-models compute in it (a one-rank DeepSpeed world on gloo, the hf rollout backend, the reference and the reward model)
-while the trainer's master weights, and so the export, stay fp32."""
+models compute in it (a one-rank DeepSpeed world on gloo, the hf rollout backend, the reference and
+the reward model) while the trainer's master weights, and so the export, stay fp32."""
 
 from __future__ import annotations
 
