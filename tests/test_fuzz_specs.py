@@ -240,7 +240,10 @@ def expected_problems(path: Path) -> list[str]:
         problems: list[str] = []
         for doc in docs:
             try:
-                problems += specfile.local_problems(api.parse_job(doc), path.parent)
+                job = api.parse_job(doc)
+                problems += specfile.local_problems(job, path.parent)
+                if not problems:  # validate then renders the cluster objects, which plan GPU memory
+                    cli.cluster_checks(job)
             except api.SpecError as exc:
                 return problems + exc.problems
         return problems
