@@ -24,21 +24,20 @@ def reward(prompts, completions, **kw):
 '''
 
 
+def _spec(tmp_path: Path, model: Path, **fields) -> Path:
+    (tmp_path / "half_flat.py").write_text(HALF_FLAT)
+    return write_spec(tmp_path, model, reward={"function": "half_flat.py:reward"},
+                      rollout={"promptsPerStep": 4, "dynamicSampling": {"enabled": True, "maxRounds": 8}},
+                      schedule={"steps": 3}, **fields)
+
+
 def test_dynamic_sampling_trains_full_batches_of_groups_with_reward_variance_only(
     ray_session, tiny_model_dir: Path, tmp_path: Path
 ):
     from kuberlhf_workers.control.driver import Driver
 
-    spec = write_spec(
-        tmp_path,
-        tiny_model_dir,
-        reward={"function": "half_flat.py:reward"},
-        # A small learning rate keeps the sampled replies diverse, so the other groups keep varying.
-        actor={"learningRate": 1e-5},
-        rollout={"promptsPerStep": 4, "dynamicSampling": {"enabled": True, "maxRounds": 8}},
-        schedule={"steps": 3},
-    )
-    (tmp_path / "half_flat.py").write_text(HALF_FLAT)
+    # A small learning rate keeps the sampled replies diverse, so the other groups keep varying.
+    spec = _spec(tmp_path, tiny_model_dir, actor={"learningRate": 1e-5})
     outcome = Driver(load(spec), tmp_path, tmp_path / "out", callbacks=[
         JsonlWriter(tmp_path / "out" / "metrics.jsonl")
     ]).run()
@@ -64,14 +63,7 @@ def test_dynamic_sampling_stopped_and_resumed_draws_and_trains_exactly_like_an_u
 ):
     from kuberlhf_workers.control.driver import Driver
 
-    spec = write_spec(
-        tmp_path,
-        tiny_model_dir,
-        reward={"function": "half_flat.py:reward"},
-        rollout={"promptsPerStep": 4, "dynamicSampling": {"enabled": True, "maxRounds": 8}},
-        schedule={"steps": 3},
-    )
-    (tmp_path / "half_flat.py").write_text(HALF_FLAT)
+    spec = _spec(tmp_path, tiny_model_dir)
     unbroken = Driver(load(spec), tmp_path, tmp_path / "unbroken").run()
 
     def stop_at_one(step: int, total: int, metrics: dict, last: str | None) -> None:
