@@ -34,6 +34,9 @@ def test_the_fingerprint_follows_what_is_trained_not_how_long_or_where() -> None
         {"kl": {"coef": 0.1}},
         {"algorithm": "rloo"},
         {"rollout": {"temperature": 0.5}},
+        {"rollout": {"dynamicSampling": {"enabled": True}}},
+        {"actor": {"lora": {"rank": 8}}},
+        {"precision": "bf16"},
     ):
         assert ckpt.training_fingerprint(job(**changed).spec) != base, changed
 

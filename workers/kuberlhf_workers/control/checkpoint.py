@@ -33,16 +33,19 @@ DEFAULT_FOLDER = "checkpoints"  # under the run's output folder, unless spec.che
 SHAPING_FIELDS: dict[str, tuple[str, ...] | None] = {
     "algorithm": None,
     "model": ("actor", "reference", "critic", "tokenizer"),
-    "reward": ("function", "model", "url"),
+    "reward": ("function", "model", "url", "overlong"),
+    "environment": None,
     "data": ("prompts", "promptKey", "maxPromptTokens", "maxNewTokens", "shuffle", "train", "maxLength",
              "chatTemplate", "promptMix", "maxSamples"),
-    "rollout": ("samplesPerPrompt", "promptsPerStep", "temperature", "topP", "offPolicySteps"),
-    "actor": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
+    "rollout": ("samplesPerPrompt", "promptsPerStep", "temperature", "topP", "offPolicySteps",
+                "dynamicSampling"),
+    "actor": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm", "lora"),
     "critic": ("learningRate", "globalBatchSize", "epochs", "maxGradNorm"),
     "kl": None,
     "loss": None,
     "dpo": None,
     "seed": None,
+    "precision": None,  # DeepSpeed's bf16 and fp32 optimizer states are not interchangeable
 }
 AHEAD = "rollouts-ahead.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -96,7 +99,8 @@ def resume_problem(directory: Path, state: TrainingState, mine: JobIdentity) -> 
     if state.job.fingerprint != mine.fingerprint:
         return (f"checkpoint {directory} of job {mine.name!r} was trained with a different spec "
                 f"(fingerprint {state.job.fingerprint}, now {mine.fingerprint}: the algorithm, models, "
-                f"data, sampling, optimizer, KL, loss or seed changed); {fix}")
+                f"reward, environment, data, sampling, optimizer, LoRA, KL, loss, precision or seed "
+                f"changed); {fix}")
     return None
 
 
