@@ -85,8 +85,9 @@ def test_job_lifecycle_from_apply_to_delete(cluster: EmulatorHandle, admin: Kube
         status = job_status(cluster)
         assert condition(status, "Complete")["status"] == "True"
         assert status["progress"]["step"] == 7, "the operator clobbered the driver's progress"
-        reasons = [e["reason"] for e in events_for(cluster, "tiny")]
-        assert {"Launching", "Running", "Succeeded"} <= set(reasons)
+        # Events are posted after the status patch they report: wait for them, do not race them.
+        wait_for(lambda: {"Launching", "Running", "Succeeded"}
+                 <= {e["reason"] for e in events_for(cluster, "tiny")}, what="the job's events")
         assert metrics.jobs.labels(phase="Succeeded")._value.get() == 1
         assert metrics.jobs.labels(phase="Running")._value.get() == 0
         assert metrics.reconciles.labels(trigger="spec")._value.get() >= 1
@@ -119,8 +120,8 @@ def test_suspend_stops_the_cluster_and_resume_starts_a_new_one(
         second = cluster.list("ray.io", "rayclusters")
         assert len(second) == 1 and second[0]["metadata"]["name"] != first_cluster
         assert condition(job_status(cluster), "Validated")["status"] == "True"
-        reasons = [e["reason"] for e in events_for(cluster, "tiny")]
-        assert {"Suspending", "Suspended", "Resuming"} <= set(reasons)
+        wait_for(lambda: {"Suspending", "Suspended", "Resuming"}
+                 <= {e["reason"] for e in events_for(cluster, "tiny")}, what="the suspend events")
 
 
 def test_changing_an_immutable_field_is_refused_and_nothing_is_applied(
@@ -138,8 +139,8 @@ def test_changing_an_immutable_field_is_refused_and_nothing_is_applied(
         after = cluster.get("ray.io", "rayjobs", "default", "tiny-ray")
         assert after["spec"] == before["spec"]
         assert job_status(cluster)["phase"] == "Running"
-        warnings = [e for e in events_for(cluster, "tiny") if e["type"] == "Warning"]
-        assert any(e["reason"] == "ImmutableFieldChanged" for e in warnings)
+        wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "ImmutableFieldChanged"
+                             for e in events_for(cluster, "tiny")), what="an ImmutableFieldChanged Warning")
 
         admin.merge_patch(f"{JOBS}/tiny", {"spec": {"algorithm": "grpo", "rollout": {"replicas": 1}}})
         wait_for(lambda: condition(job_status(cluster), "Validated").get("status") == "True",
@@ -158,8 +159,8 @@ def test_invalid_spec_is_reported_and_the_operator_keeps_working(
         assert status["phase"] == "Pending"
         assert condition(status, "Validated")["reason"] == "InvalidSpec"
         assert "samplesPerPrompt" in condition(status, "Validated")["message"]
-        warnings = [e["reason"] for e in events_for(cluster, "bad") if e["type"] == "Warning"]
-        assert "InvalidSpec" in warnings
+        wait_for(lambda: "InvalidSpec" in [e["reason"] for e in events_for(cluster, "bad")
+                                           if e["type"] == "Warning"], what="an InvalidSpec Warning")
         assert cluster.list("ray.io", "rayjobs") == []
 
         admin.create(tiny_job("good"))
@@ -288,13 +289,14 @@ def test_driver_failures_retry_up_to_the_backoff_limit_then_fail(
     with running_operator(cluster), running_standin(cluster, runner=sleep_runner(0.1, returncode=3)):
         admin.create(tiny_job(backoffLimit=1))
         wait_for(lambda: job_status(cluster).get("phase") == "Failed", what="phase Failed")
+        wait_for(lambda: any(e["type"] == "Warning" and e["reason"] == "Failed"
+                             for e in events_for(cluster, "tiny")), what="a Failed Warning")
     status = job_status(cluster)
     assert condition(status, "Failed")["status"] == "True"
     assert "exited with code 3" in condition(status, "Failed")["message"]
     assert status["completionTime"] and status["startTime"]
     rayjob = cluster.get("ray.io", "rayjobs", "default", "tiny-ray")
     assert rayjob["status"]["failed"] == 2
-    assert any(e["type"] == "Warning" and e["reason"] == "Failed" for e in events_for(cluster, "tiny"))
 
 
 def test_a_finished_job_whose_rayjob_expired_is_not_run_again(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -135,3 +136,19 @@ def test_a_sync_whose_sender_never_sends_times_out_instead_of_hanging():
     with pytest.raises(RuntimeError, match=r"(?i)timed? ?out"):
         receiver.receive(None, _Engine(weights).load_weights)  # the trainer is stuck elsewhere
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.unit
+def test_rendezvous_ports_come_from_below_the_kernels_ephemeral_range(tmp_path):
+    from kuberlhf_workers.base.transports import free_port
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    ports = {free_port(str(ranges)) for _ in range(20)}
+    assert all(20000 <= p < 32768 for p in ports), ports
+    assert len(ports) > 1, "the same port every time collides between concurrent jobs"
+    with socket.socket() as s:
+        s.bind(("", ports.pop()))  # free when handed out
+
+    ranges.write_text("1024\t65000\n")  # nothing below the kernel's range: its choice
+    assert free_port(str(ranges)) >= 1024

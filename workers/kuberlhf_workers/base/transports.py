@@ -19,6 +19,7 @@ names or shapes, go over the wire during a sync.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,10 +104,36 @@ def free_address() -> tuple[str, int]:
     """This node's IP and a free TCP port for a rendezvous store."""
     import ray
 
-    with socket.socket() as s:
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def free_port(ephemeral_range: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """A port that is free now and that the kernel will not hand out on its own.
+
+    The port is released before torch binds it; one taken from the kernel's ephemeral range
+    (`bind(0)`) can meanwhile go to any outgoing connection or `bind(0)` of Ray, gRPC or vLLM on
+    the node, and the rendezvous then fails with EADDRINUSE (seen in CI). Below that range only
+    an explicit bind can take it."""
+    try:
+        with open(ephemeral_range) as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = list(range(_LOWEST_PORT, low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:64]:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # no range below the kernel's: its choice is all there is
         s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+        return int(s.getsockname()[1])
+
+
+_LOWEST_PORT = 20000  # above the well-known and most registered service ports
 
 
 def _nbytes(bucket: list[ParamMeta]) -> int:
