@@ -423,6 +423,11 @@ class ReferenceSpec(_Model):
     )
     replicas: int = Field(1, ge=1, le=512, description="Reference workers when not colocated.")
     resources: Resources = Field(default_factory=Resources, description="Per reference worker.")
+    zero_stage: Literal[0, 3] = Field(
+        0, description="0: every reference worker holds the whole model; 3: the model is sharded over "
+        "the reference workers with DeepSpeed ZeRO-3 (inference only), for a reference that does not "
+        "fit one GPU (each worker then holds about 1/N of it, plus the layer being computed).",
+    )
 
 
 class KLSpec(_Model):

@@ -74,20 +74,18 @@ def activation_bytes(
     return float(body + head)
 
 
-def reference_estimate(spec: RLHFJobSpec, shape: ModelShape) -> Estimate:
-    """The frozen reference: bf16 weights, one micro-batch of forward activations and logits."""
+def reference_estimate(spec: RLHFJobSpec, shape: ModelShape, sharded_over: int = 1) -> Estimate:
+    """A frozen model's forward: bf16 weights (1/N of them sharded over N ZeRO-3 ranks, plus the
+    layer being gathered), one micro-batch of forward activations and logits."""
     micro = spec.actor.micro_batch_size
     inference = 0.0
     if shape.hidden is not None:
         tokens = micro * sequence_length(spec)
         inference = 4 * tokens * shape.hidden + 6 * micro * spec.data.max_new_tokens * (shape.vocab or 0)
-    return Estimate(
-        {
-            "weights": WEIGHT_BYTES * shape.parameters,
-            "activations": inference,
-            "overhead": CUDA_OVERHEAD_GIB * GIB,
-        }
-    )
+    parts = {"weights": WEIGHT_BYTES * shape.parameters / sharded_over}
+    if sharded_over > 1:
+        parts["gathered layer"] = WEIGHT_BYTES * shape.parameters / (shape.layers or 1)
+    return Estimate(parts | {"activations": inference, "overhead": CUDA_OVERHEAD_GIB * GIB})
 
 
 def rollout_estimate(spec: RLHFJobSpec, shape: ModelShape, gpu_bytes: float | None) -> Estimate:

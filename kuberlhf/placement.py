@@ -202,9 +202,7 @@ def plan(spec: RLHFJobSpec, shape: ModelShape, gpu_memory_override_gib: float | 
             continue
         place(role, trainer.world_size, role, f"spec.{role}.replicas")
     if topology.uses_reference(spec):
-        own = spec.reference.replicas * spec.reference.resources.slots
-        count = spec.actor.world_size if spec.reference.colocate_with_actor else own
-        place("reference", count, "reference", "spec.reference.replicas")
+        place("reference", topology.reference_world(spec), "reference", "spec.reference.replicas")
     tp = spec.rollout.tensor_parallel_size
     for engine in range(spec.rollout.replicas if topology.is_online(spec) else 0):
         place("rollout", tp, f"rollout-{engine}", "spec.rollout.replicas", engine, first=engine * tp)
@@ -241,7 +239,8 @@ def _process_groups(spec: RLHFJobSpec, ranks: list[Rank]) -> list[ProcessGroup]:
     for r in ranks:
         worlds.setdefault(r.world, []).append(r)
     groups = []
-    for name in ("actor", "critic"):
+    sharded_reference = ("reference",) if spec.reference.zero_stage == 3 else ()  # a ZeRO-3 world
+    for name in ("actor", "critic", *sharded_reference):
         if name in worlds:
             # Each trainer's DeepSpeed picks its collective from its own pods' accelerator: a
             # critic on CPU pods uses gloo even when the actor trains on GPUs.
@@ -307,7 +306,8 @@ def _estimate(spec: RLHFJobSpec, shape: ModelShape, role: Role, capacity: float 
     if trainer is not None:
         return memory.trainer_estimate(spec, trainer, shape, logits=role == "actor")
     if role == "reference":
-        return memory.reference_estimate(spec, shape)
+        sharded_over = topology.reference_world(spec) if spec.reference.zero_stage == 3 else 1
+        return memory.reference_estimate(spec, shape, sharded_over)
     if role == "rollout":
         return memory.rollout_estimate(spec, shape, capacity * memory.GIB if capacity else None)
     return memory.reference_estimate(spec, shape)  # a reward model scores like a reference forward
@@ -337,8 +337,8 @@ FIXES = {
     "or a smaller microBatchSize",
     "critic": "raise critic.replicas with zeroStage: 3, set offloadOptimizer: true or "
     "gradientCheckpointing: true",
-    "reference": "give the reference its own GPUs (reference.colocateWithActor: false) or use a "
-    "smaller reference",
+    "reference": "shard it with reference.zeroStage: 3 (over more reference.replicas when not colocated), "
+    "give the reference its own GPUs (reference.colocateWithActor: false) or use a smaller reference",
     "rollout": "lower rollout.gpuMemoryUtilization or raise rollout.tensorParallelSize",
     "reward": "use a smaller reward model",
 }

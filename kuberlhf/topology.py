@@ -45,6 +45,13 @@ def uses_reference(spec: RLHFJobSpec) -> bool:
     return spec.kl.coef > 0
 
 
+def reference_world(spec: RLHFJobSpec) -> int:
+    """Reference processes: one per actor rank on the actor's GPUs, else one per GPU of its group."""
+    if spec.reference.colocate_with_actor:
+        return spec.actor.world_size
+    return spec.reference.replicas * spec.reference.resources.slots
+
+
 def reference_has_own_group(spec: RLHFJobSpec) -> bool:
     return uses_reference(spec) and not spec.reference.colocate_with_actor
 

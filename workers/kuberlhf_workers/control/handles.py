@@ -140,6 +140,12 @@ class OfflineTrainerHandle(Handle):
 class ReferenceHandle(Handle):
     """A `kuberlhf_workers.training.reference.ReferenceWorker`."""
 
+    def master_address(self) -> ObjectRef[tuple[str, int]]:
+        return self.actor.master_address.remote()
+
+    def init_world(self, master: tuple[str, int], timeout_s: float) -> ObjectRef[None]:
+        return self.actor.init_world.remote(master, timeout_s)
+
     def logprobs(
         self, rollout_refs: list[ObjectRef[GenerationResult]], rank: int, world: int
     ) -> ObjectRef[torch.Tensor]:

@@ -109,7 +109,7 @@ def start_workers(
             placements,
             lambda i: (
                 ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size,
-                spec.precision,
+                spec.precision, spec.reference.zero_stage, i, len(ref_seats),
             ),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
         ).actors
@@ -123,10 +123,14 @@ def start_workers(
     ).actors
 
     worlds = [actors] + ([critics] if critics else [])
-    masters = wait_all([(g[0].label, g[0].master_address()) for g in worlds], timeout_s, "rendezvous", HINT)
+    sharded_refs = references if spec.reference.zero_stage == 3 else []  # a world of their own
+    leaders: list[TrainerHandle | ReferenceHandle] = [g[0] for g in worlds] + sharded_refs[:1]
+    masters = wait_all([(h.label, h.master_address()) for h in leaders], timeout_s, "rendezvous", HINT)
+    joins = [(w.label, w.init_world(m)) for group, m in zip(worlds, masters, strict=False) for w in group]
+    joins += [(r.label, r.init_world(masters[-1], timeout_s)) for r in sharded_refs]
+    others = [*rollout_group.actors, *rewards, *([] if sharded_refs else references)]
     wait_all(
-        [(w.label, w.init_world(m)) for group, m in zip(worlds, masters, strict=True) for w in group]
-        + [(a.label, a.ready()) for a in [*rollout_group.actors, *references, *rewards]],
+        joins + [(a.label, a.ready()) for a in others],
         timeout_s,
         "starting the workers and DeepSpeed",
         HINT,

@@ -86,3 +86,19 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def inference_config(micro: int, hidden_size: int | None, *, bf16: bool) -> dict[str, Any]:
+    """A ZeRO-3 world that only runs forwards (the sharded reference): parameters partitioned over
+    the ranks and gathered one layer at a time, no optimizer, no gradients."""
+    zero: dict[str, Any] = {"stage": 3}
+    if hidden_size is not None:
+        zero |= bucket_sizes(3, hidden_size)
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

@@ -8,6 +8,7 @@ the weight-sync sender.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -67,22 +68,8 @@ class DeepSpeedRank:
         so no rank ever holds the whole model (72B in fp32 would be 288 GB per rank). The config is
         dropped once DeepSpeed owns the model, so later loads (a DPO reference) are plain again."""
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
-        os.environ.update(
-            MASTER_ADDR=master[0],
-            MASTER_PORT=str(master[1]),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.layout.world),
-            LOCAL_RANK="0",  # Ray gives each rank its own device
-        )
-        # As deepspeed.initialize would, but with the step deadline instead of torch's 30 minutes:
-        # a rank stuck in a collective fails with the others instead of holding the job.
-        deepspeed.init_distributed(
-            get_accelerator().communication_backend_name(),
-            verbose=False,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        join_world(master, self.rank, self.layout.world, timeout_s)
         on_gpu, bf16 = self.device.type == "cuda", self.dtype == torch.bfloat16
         config = deepspeed_config(self.trainer, self.layout, on_gpu, bf16=bf16)
         sharded = None
@@ -215,6 +202,41 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def join_world(master: tuple[str, int], rank: int, world: int, timeout_s: float) -> None:
+    """Join a DeepSpeed world (this process's default group) as `rank` of `world`."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.update(
+        MASTER_ADDR=master[0],
+        MASTER_PORT=str(master[1]),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",  # Ray gives each rank its own device
+    )
+    _skip_shm_allreduce_build()
+    # As deepspeed.initialize would, but with the step deadline instead of torch's 30 minutes:
+    # a rank stuck in a collective fails with the others instead of holding the job.
+    deepspeed.init_distributed(
+        get_accelerator().communication_backend_name(),
+        verbose=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _skip_shm_allreduce_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-loads a shared-memory all-reduce op, and every
+    process that loads it holds a file lock in the torch extensions folder while ninja checks the
+    build. A rank killed in that window (a dead engine's replacement, preemption, the OOM killer)
+    leaves the lock behind, and every later DeepSpeed start on that host waits on it forever. The op
+    only serves DeepSpeed-Inference's tensor-parallel all-reduce, which no world here calls."""
+    # Not `import deepspeed.comm.torch as ...`: that resolves to the `torch` package that
+    # deepspeed.comm re-exports.
+    ds_torch: Any = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
 
 
 def _metas(out: dict[str, OutWeight]) -> list[ParamMeta]:
