@@ -20,6 +20,7 @@ GIB = 2**30
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 LAYER_ACTIVATION_BYTES = 34  # per token per hidden unit, one transformer layer (bf16)
 LOGIT_BYTES = 10  # per token per vocabulary entry: bf16 logits, their fp32 copy, its gradient
+STAGE3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default cap on gathered ZeRO-3 parameters per rank
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers, allocator fragmentation (per process)
 
 
@@ -83,8 +84,9 @@ def reference_estimate(spec: RLHFJobSpec, shape: ModelShape, sharded_over: int =
         tokens = micro * sequence_length(spec)
         inference = 4 * tokens * shape.hidden + 6 * micro * spec.data.max_new_tokens * (shape.vocab or 0)
     parts = {"weights": WEIGHT_BYTES * shape.parameters / sharded_over}
-    if sharded_over > 1:
-        parts["gathered layer"] = WEIGHT_BYTES * shape.parameters / (shape.layers or 1)
+    if sharded_over > 1:  # the layer in use, gathered; DeepSpeed never keeps more than max-live
+        layer = shape.parameters / shape.layers if shape.layers else shape.parameters
+        parts["gathered layer"] = WEIGHT_BYTES * min(layer, STAGE3_MAX_LIVE_PARAMETERS)
     return Estimate(parts | {"activations": inference, "overhead": CUDA_OVERHEAD_GIB * GIB})
 
 

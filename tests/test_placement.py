@@ -318,3 +318,29 @@ def test_an_offline_job_plans_only_its_trainer_ranks_and_no_weight_sync() -> Non
     assert {p.group for p in plan.pods} == {"actor"} and {r.role for r in plan.ranks} == {"actor"}
     assert [(g.name, g.transport, len(g.members)) for g in plan.groups] == [("actor", "nccl", 8)]
     assert_invariants(plan)
+
+
+def test_a_72b_reference_that_overflows_one_gpu_is_refused_until_zero3_shards_it_over_its_own_world() -> None:
+    spec: dict[str, Any] = {
+        "model": {"actor": "Qwen/Qwen2.5-72B-Instruct"},
+        "algorithm": "grpo",
+        "kl": {"coef": 0.01},
+        "actor": {"replicas": 32, "zeroStage": 3, "offloadOptimizer": True,
+                  "resources": {"gpus": 1, "gpuMemory": "80Gi"}},
+        "reference": {"colocateWithActor": False, "replicas": 4,
+                      "resources": {"gpus": 2, "gpuMemory": "80Gi"}},
+        "rollout": {"engine": "vllm", "replicas": 8, "tensorParallelSize": 4, "resources": {"gpus": 4}},
+    }
+    whole = plan_for(spec_of(**spec))
+    refused = [p for p in whole.problems if p.startswith("spec.reference:")]
+    assert refused and "reference.zeroStage: 3" in refused[0], whole.problems  # 144 GB of bf16 on one GPU
+    assert "reference" not in {g.name for g in whole.groups}  # whole copies never talk to each other
+
+    spec["reference"]["zeroStage"] = 3
+    sharded = plan_for(spec_of(**spec))
+    assert sharded.problems == []
+    assert_invariants(sharded)
+    world = next(g for g in sharded.groups if g.name == "reference")
+    assert (world.kind, world.transport, len(world.members)) == ("deepspeed", "nccl", 8)
+    per_gpu = [row.parts_gib["reference"] for row in sharded.memory if "reference" in row.parts_gib]
+    assert len(per_gpu) == 8 and max(per_gpu) < 2 * 72.7e9 / 2**30 / 8 + 10  # an eighth, plus a layer and buffers
