@@ -343,4 +343,4 @@ def test_a_72b_reference_that_overflows_one_gpu_is_refused_until_zero3_shards_it
     world = next(g for g in sharded.groups if g.name == "reference")
     assert (world.kind, world.transport, len(world.members)) == ("deepspeed", "nccl", 8)
     per_gpu = [row.parts_gib["reference"] for row in sharded.memory if "reference" in row.parts_gib]
-    assert len(per_gpu) == 8 and max(per_gpu) < 2 * 72.7e9 / 2**30 / 8 + 10  # an eighth, plus a layer and buffers
+    assert len(per_gpu) == 8 and max(per_gpu) < 2 * 72.7e9 / 2**30 / 8 + 10  # an eighth, a layer, buffers
