@@ -36,5 +36,5 @@ def test_ppo_with_critic_and_reference_raises_the_mean_reward(
     rewards = [h["reward_mean"] for h in history]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, f"mean reward did not rise: {rewards}"
     assert all("value_loss" in h and h["value_loss"] >= 0 for h in history)
-    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4), "before any update the policy is the (sharded) reference"
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4), "before any update the policy is the reference"
     assert any(abs(h["kl"]) > 1e-4 for h in history[1:]), "the policy should drift from the reference"
