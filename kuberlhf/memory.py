@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kuberlhf.api import RLHFJobSpec, TrainerSpec
+from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerSpec
 from kuberlhf.modelsize import ModelShape
 
 GIB = 2**30
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12
 LAYER_ACTIVATION_BYTES = 34  # per token per hidden unit, one transformer layer (bf16)
 LOGIT_BYTES = 10  # per token per vocabulary entry: bf16 logits, their fp32 copy, its gradient
-STAGE3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default cap on gathered ZeRO-3 parameters per rank
+# DeepSpeed's default cap on gathered ZeRO-3 parameters per rank, which training.layout keeps. A
+# training rank keeps what it gathered in the forward for the backward (the reuse distance is as
+# large), so below the cap (every model under 1B) it holds the whole module gathered on its shard.
+STAGE3_MAX_LIVE_PARAMETERS = 1e9
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers, allocator fragmentation (per process)
 
 
@@ -39,7 +42,17 @@ class Estimate:
 
 
 def sequence_length(spec: RLHFJobSpec) -> int:
+    """Tokens per row: an offline record is cut to data.maxLength; a rollout is prompt plus response."""
+    if ALGORITHMS[spec.algorithm].program == "offline":
+        return spec.data.max_length
     return spec.data.max_prompt_tokens + spec.data.max_new_tokens
+
+
+def logit_tokens(spec: RLHFJobSpec) -> int:
+    """Tokens per row whose logits are kept: the response of a rollout, the whole of an offline record."""
+    if ALGORITHMS[spec.algorithm].program == "offline":
+        return spec.data.max_length
+    return spec.data.max_new_tokens
 
 
 def trainer_estimate(
@@ -53,6 +66,8 @@ def trainer_estimate(
         "gradients": GRAD_BYTES * p / (world if stage >= 2 else 1),
         "optimizer": optimizer / (world if stage >= 1 else 1),
     }
+    if stage >= 3:
+        parts["gathered weights"] = WEIGHT_BYTES * min(p, STAGE3_MAX_LIVE_PARAMETERS)
     parts["activations"] = activation_bytes(
         spec, shape, trainer.micro_batch_size, trainer.gradient_checkpointing, logits
     )
@@ -71,7 +86,7 @@ def activation_bytes(
     body = (
         (per_layer + 2 * tokens * shape.hidden * shape.layers) if checkpointing else per_layer * shape.layers
     )
-    head = LOGIT_BYTES * micro * spec.data.max_new_tokens * (shape.vocab or 0) if logits else 0.0
+    head = LOGIT_BYTES * micro * logit_tokens(spec) * (shape.vocab or 0) if logits else 0.0
     return float(body + head)
 
 
@@ -82,7 +97,7 @@ def reference_estimate(spec: RLHFJobSpec, shape: ModelShape, sharded_over: int =
     inference = 0.0
     if shape.hidden is not None:
         tokens = micro * sequence_length(spec)
-        inference = 4 * tokens * shape.hidden + 6 * micro * spec.data.max_new_tokens * (shape.vocab or 0)
+        inference = 4 * tokens * shape.hidden + 6 * micro * logit_tokens(spec) * (shape.vocab or 0)
     parts = {"weights": WEIGHT_BYTES * shape.parameters / sharded_over}
     if sharded_over > 1:  # the layer in use, gathered; DeepSpeed never keeps more than max-live
         layer = shape.parameters / shape.layers if shape.layers else shape.parameters
@@ -103,3 +118,109 @@ def rollout_estimate(spec: RLHFJobSpec, shape: ModelShape, gpu_bytes: float | No
 def rollout_weights_bytes(spec: RLHFJobSpec, shape: ModelShape) -> float:
     """Weights one rollout worker holds: bf16, sharded over the tensor-parallel group."""
     return WEIGHT_BYTES * shape.parameters / spec.rollout.tensor_parallel_size
+
+
+# -- a trainer rank's host memory on CPU (kuberlhf run) ------------------------------------------
+# What DeepSpeed allocates on a CPU rank, which is not the GPU picture in host memory: the module
+# computes in fp32 (precision auto on CPU; bf16 only when asked), ZeRO-1/2 keep the whole module
+# in one flat buffer and copy this rank's partition into an fp32 master, ZeRO-3 also holds the
+# module gathered while it computes, and torch's AdamW on a flat partition makes full-size
+# temporaries. Checked against peak resident memory in bench/zero_memory.py (bench/README.md).
+FP32_BYTES = 4
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
+ADAM_TEMPORARY_BYTES = 8  # AdamW's sqrt(exp_avg_sq) and its quotient, both alive at once (fp32)
+HOST_PROCESS_GIB = 0.75  # a rank before its model: torch, transformers, DeepSpeed, gloo, the Ray worker
+
+
+def host_trainer_estimate(
+    spec: RLHFJobSpec, trainer: TrainerSpec, shape: ModelShape, *, logits: bool = True
+) -> Estimate:
+    """Peak resident memory of one DeepSpeed rank of `trainer` on a CPU host. Sharded parts shrink
+    with the world; the module (stage 0-2) and the gathered module (stage 3) do not, so on CPU,
+    where every rank shares one host, ZeRO-3 saves nothing a rank holds while it computes."""
+    p, world, stage = shape.parameters, trainer.world_size, trainer.zero_stage
+    module = 2 if spec.precision == "bf16" else FP32_BYTES  # bytes per parameter the module computes in
+    shard = world if stage >= 1 else 1
+    parts = {
+        "process": HOST_PROCESS_GIB * GIB,
+        "weights": module * p / (world if stage >= 3 else 1),
+        # Stage 0 in fp32 steps the module itself; otherwise an fp32 master copy of the partition.
+        "master weights": 0.0 if stage == 0 and module == FP32_BYTES else FP32_BYTES * p / shard,
+        "gradients": module * p / (world if stage >= 2 else 1),
+        "optimizer": ADAM_STATE_BYTES * p / shard,
+        "optimizer step": ADAM_TEMPORARY_BYTES * p / shard,
+    }
+    if stage >= 3:
+        parts["gathered weights"] = module * min(p, STAGE3_MAX_LIVE_PARAMETERS)
+    # Activations at the module's precision (Korthikanti's 34 bytes are for 2-byte activations).
+    scale = module / WEIGHT_BYTES
+    parts["activations"] = scale * activation_bytes(
+        spec, shape, trainer.micro_batch_size, trainer.gradient_checkpointing, logits
+    )
+    return Estimate(parts)
+
+
+def host_trainers(spec: RLHFJobSpec) -> dict[str, TrainerSpec]:
+    """The DeepSpeed worlds a run trains: the actor, and the critic when the algorithm has one."""
+    trainers = {"actor": spec.actor}
+    if ALGORITHMS[spec.algorithm].critic:
+        trainers["critic"] = spec.critic or spec.actor
+    return trainers
+
+
+def host_trainers_bytes(spec: RLHFJobSpec, shape: ModelShape) -> dict[str, float]:
+    """Host memory of every rank of each trainer together, by role."""
+    return {
+        role: t.world_size * host_trainer_estimate(spec, t, shape, logits=role == "actor").total
+        for role, t in host_trainers(spec).items()
+    }
+
+
+def _host_fixes(spec: RLHFJobSpec, role: str, trainer: TrainerSpec) -> list[tuple[str, RLHFJobSpec]]:
+    """Changes to `role` that shrink its host memory on CPU, each as the spec it would give."""
+    def changed(**update: object) -> RLHFJobSpec:
+        return spec.model_copy(update={role: trainer.model_copy(update=update)})
+
+    fixes = []
+    if trainer.zero_stage == 3:
+        fixes.append((f"{role}.zeroStage: 2 (a ZeRO-3 rank also holds the gathered module)",
+                      changed(zero_stage=2)))
+    if not trainer.gradient_checkpointing:
+        fixes.append((f"{role}.gradientCheckpointing: true", changed(gradient_checkpointing=True)))
+    if trainer.micro_batch_size > 1:
+        fixes.append((f"{role}.microBatchSize: 1", changed(micro_batch_size=1)))
+    fixes += [
+        (f"{role}.replicas: {n} (on CPU every rank holds the whole module)", changed(replicas=n))
+        for n in range(trainer.replicas - 1, 0, -1)
+    ]
+    return fixes
+
+
+def host_memory_problem(spec: RLHFJobSpec, shape: ModelShape, available: float, source: str) -> str | None:
+    """The warning `kuberlhf run` prints before a CPU run whose trainer ranks would not fit in the
+    host's memory (`available` bytes, `source` says whose limit): the role that needs most, the
+    estimate, the limit and the first change that would fit. None when it fits or the size is unknown."""
+    if not shape.known:
+        return None
+    need = host_trainers_bytes(spec, shape)
+    total = sum(need.values())
+    if total <= available:
+        return None
+    role = max(need, key=lambda r: need[r])
+    trainer = host_trainers(spec)[role]
+    fixes = _host_fixes(spec, role, trainer)
+    after = [(text, sum(host_trainers_bytes(s, shape).values())) for text, s in fixes]
+    fitting = [(text, b) for text, b in after if b <= available]
+    if fitting:
+        text, needed = fitting[0]
+        fix = f"set {text}: about {needed / GIB:.1f} GiB"
+    else:
+        fix = "no single change to it fits: use a smaller model (spec.model.actor) or a host with more memory"
+    others = "".join(
+        f"; with the {r}'s {b / GIB:.1f} GiB, {total / GIB:.1f} GiB" for r, b in need.items() if r != role
+    )
+    return (
+        f"spec.{role}: its {trainer.world_size} DeepSpeed ranks need about {need[role] / GIB:.1f} GiB "
+        f"of host memory on CPU (estimate for {shape.describe()}{others}), "
+        f"more than the {available / GIB:.1f} GiB of {source}; {fix}"
+    )
