@@ -121,15 +121,18 @@ def rollout_weights_bytes(spec: RLHFJobSpec, shape: ModelShape) -> float:
 
 
 # -- a trainer rank's host memory on CPU (kuberlhf run) ------------------------------------------
-# What DeepSpeed allocates on a CPU rank, which is not the GPU picture in host memory: the module
-# computes in fp32 (precision auto on CPU; bf16 only when asked), ZeRO-1/2 keep the whole module
-# in one flat buffer and copy this rank's partition into an fp32 master, ZeRO-3 also holds the
-# module gathered while it computes, and torch's AdamW on a flat partition makes full-size
-# temporaries. Checked against peak resident memory in bench/zero_memory.py (bench/README.md).
+# What DeepSpeed allocates on a CPU rank, which is not the GPU picture moved to host memory: the
+# module computes in fp32 (precision auto on CPU; bf16 only when asked); ZeRO-1/2 keep the whole
+# module in one flat buffer and copy this rank's partition into an fp32 master; every stage's step
+# flattens the partition's gradients into a new fp32 tensor, and torch's AdamW on that flat
+# partition makes two more of its size; ZeRO-3 holds the whole module gathered while it computes
+# (under stage3_max_live_parameters) and keeps, in the allocator, about one module's worth of what
+# building it sharded freed (zero.Init's per-parameter shards and the load's gathered copies).
+# Checked against each rank's peak resident memory by bench/zero_memory.py (bench/README.md).
 FP32_BYTES = 4
-ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
-ADAM_TEMPORARY_BYTES = 8  # AdamW's sqrt(exp_avg_sq) and its quotient, both alive at once (fp32)
-HOST_PROCESS_GIB = 0.75  # a rank before its model: torch, transformers, DeepSpeed, gloo, the Ray worker
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq
+STEP_TEMPORARY_BYTES = 12  # the flattened gradient, AdamW's sqrt(exp_avg_sq) and its quotient
+HOST_PROCESS_GIB = 0.45  # a rank before its model (measured 0.41-0.43): torch, DeepSpeed, gloo, Ray
 
 
 def host_trainer_estimate(
@@ -148,10 +151,11 @@ def host_trainer_estimate(
         "master weights": 0.0 if stage == 0 and module == FP32_BYTES else FP32_BYTES * p / shard,
         "gradients": module * p / (world if stage >= 2 else 1),
         "optimizer": ADAM_STATE_BYTES * p / shard,
-        "optimizer step": ADAM_TEMPORARY_BYTES * p / shard,
+        "optimizer step": STEP_TEMPORARY_BYTES * p / shard,
     }
     if stage >= 3:
         parts["gathered weights"] = module * min(p, STAGE3_MAX_LIVE_PARAMETERS)
+        parts["sharded build"] = module * p
     # Activations at the module's precision (Korthikanti's 34 bytes are for 2-byte activations).
     scale = module / WEIGHT_BYTES
     parts["activations"] = scale * activation_bytes(
