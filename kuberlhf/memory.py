@@ -166,7 +166,7 @@ def host_trainer_estimate(
 
 def host_trainers(spec: RLHFJobSpec) -> dict[str, TrainerSpec]:
     """The DeepSpeed worlds a run trains: the actor, and the critic when the algorithm has one."""
-    trainers = {"actor": spec.actor}
+    trainers: dict[str, TrainerSpec] = {"actor": spec.actor}
     if ALGORITHMS[spec.algorithm].critic:
         trainers["critic"] = spec.critic or spec.actor
     return trainers
@@ -180,30 +180,55 @@ def host_trainers_bytes(spec: RLHFJobSpec, shape: ModelShape) -> dict[str, float
     }
 
 
-def _host_fixes(spec: RLHFJobSpec, role: str, trainer: TrainerSpec) -> list[tuple[str, RLHFJobSpec]]:
-    """Changes to `role` that shrink its host memory on CPU, each as the spec it would give."""
-    def changed(**update: object) -> RLHFJobSpec:
-        return spec.model_copy(update={role: trainer.model_copy(update=update)})
+Change = tuple[str, str, object, str]  # role, spec field, its new value, the field as the spec spells it
 
-    fixes = []
-    if trainer.zero_stage == 3:
-        fixes.append((f"{role}.zeroStage: 2 (a ZeRO-3 rank also holds the gathered module)",
-                      changed(zero_stage=2)))
-    if not trainer.gradient_checkpointing:
-        fixes.append((f"{role}.gradientCheckpointing: true", changed(gradient_checkpointing=True)))
-    if trainer.micro_batch_size > 1:
-        fixes.append((f"{role}.microBatchSize: 1", changed(micro_batch_size=1)))
-    fixes += [
-        (f"{role}.replicas: {n} (on CPU every rank holds the whole module)", changed(replicas=n))
-        for n in range(trainer.replicas - 1, 0, -1)
+
+def _host_changes(spec: RLHFJobSpec) -> list[list[Change]]:
+    """What shrinks a CPU run's trainers, each step applied to every trainer it concerns: ZeRO-2 (no
+    gathered copy), checkpointing, one row per micro-batch, then fewer ranks, one at a time."""
+    trainers = host_trainers(spec)
+    steps: list[list[Change]] = [
+        [(r, "zero_stage", 2, "zeroStage") for r, t in trainers.items() if t.zero_stage == 3],
+        [(r, "gradient_checkpointing", True, "gradientCheckpointing")
+         for r, t in trainers.items() if not t.gradient_checkpointing],
+        [(r, "micro_batch_size", 1, "microBatchSize") for r, t in trainers.items() if t.micro_batch_size > 1],
     ]
-    return fixes
+    most = max(t.replicas for t in trainers.values())
+    steps += [[(r, "replicas", n, "replicas") for r, t in trainers.items() if t.replicas > n]
+              for n in range(most - 1, 0, -1)]
+    return [step for step in steps if step]
+
+
+def _changed(spec: RLHFJobSpec, changes: list[Change]) -> RLHFJobSpec:
+    trainers = host_trainers(spec)
+    for role, field, value, _ in changes:
+        trainers[role] = trainers[role].model_copy(update={field: value})
+    return spec.model_copy(update=trainers)
+
+
+def _host_fix(spec: RLHFJobSpec, shape: ModelShape, available: float) -> str:
+    """The first one change that fits (a ZeRO stage, then fewer ranks...), else the first run of
+    them together that does, else what is left: a smaller model or a bigger host."""
+    steps = _host_changes(spec)
+    # Later steps override earlier ones of the same field (fewer and fewer replicas).
+    together = [
+        list({(c[0], c[1]): c for step in steps[: i + 1] for c in step}.values()) for i in range(len(steps))
+    ]
+    tried: list[float] = []
+    for changes in [*steps, *together]:
+        need = sum(host_trainers_bytes(_changed(spec, changes), shape).values())
+        tried.append(need)
+        if need <= available:
+            fields = ", ".join(f"{role}.{name}: {str(value).lower()}" for role, _, value, name in changes)
+            return f"set {fields} (about {need / GIB:.1f} GiB; on CPU every rank holds the whole module)"
+    least = f" (no change to the trainers brings them under {min(tried) / GIB:.1f} GiB)" if tried else ""
+    return f"use a smaller model (spec.model.actor) or a host with more memory{least}"
 
 
 def host_memory_problem(spec: RLHFJobSpec, shape: ModelShape, available: float, source: str) -> str | None:
     """The warning `kuberlhf run` prints before a CPU run whose trainer ranks would not fit in the
     host's memory (`available` bytes, `source` says whose limit): the role that needs most, the
-    estimate, the limit and the first change that would fit. None when it fits or the size is unknown."""
+    estimate, the limit and a change that would fit. None when it fits or the size is unknown."""
     if not shape.known:
         return None
     need = host_trainers_bytes(spec, shape)
@@ -211,20 +236,11 @@ def host_memory_problem(spec: RLHFJobSpec, shape: ModelShape, available: float, 
     if total <= available:
         return None
     role = max(need, key=lambda r: need[r])
-    trainer = host_trainers(spec)[role]
-    fixes = _host_fixes(spec, role, trainer)
-    after = [(text, sum(host_trainers_bytes(s, shape).values())) for text, s in fixes]
-    fitting = [(text, b) for text, b in after if b <= available]
-    if fitting:
-        text, needed = fitting[0]
-        fix = f"set {text}: about {needed / GIB:.1f} GiB"
-    else:
-        fix = "no single change to it fits: use a smaller model (spec.model.actor) or a host with more memory"
     others = "".join(
         f"; with the {r}'s {b / GIB:.1f} GiB, {total / GIB:.1f} GiB" for r, b in need.items() if r != role
     )
     return (
-        f"spec.{role}: its {trainer.world_size} DeepSpeed ranks need about {need[role] / GIB:.1f} GiB "
-        f"of host memory on CPU (estimate for {shape.describe()}{others}), "
-        f"more than the {available / GIB:.1f} GiB of {source}; {fix}"
+        f"spec.{role}: its {host_trainers(spec)[role].world_size} DeepSpeed ranks need about "
+        f"{need[role] / GIB:.1f} GiB of host memory on CPU (estimate for {shape.describe()}{others}), "
+        f"more than the {available / GIB:.1f} GiB of {source}; {_host_fix(spec, shape, available)}"
     )
