@@ -1,4 +1,5 @@
-"""How much GPU memory each role needs: a pure estimate from the spec and the model's shape.
+"""How much GPU memory each role needs, and how much host memory a trainer rank needs on CPU: pure
+estimates from the spec and the model's shape.
 
 Training is bf16 with fp32 master weights on GPU (fp32 throughout on CPU; the same 16 bytes per
 parameter): weights 2, gradients 2, and 12 of optimizer state (fp32 master copy and Adam's two
@@ -6,7 +7,9 @@ moments). ZeRO shards the optimizer state (stage 1), the gradients too (2), and 
 (3) over the world; offload moves the optimizer state to host memory. Activations follow
 Korthikanti et al. (2022) for a transformer layer, 34 bytes per token and hidden unit without
 attention scores (flash / SDPA attention keeps none), one layer's worth plus a checkpoint per
-layer with gradient checkpointing, plus the fp32 logits the log-probs are computed from.
+layer with gradient checkpointing, plus the fp32 logits the log-probs are computed from. A
+ZeRO-3 rank also holds what it gathered, up to DeepSpeed's max-live parameters. A CPU rank is not
+this picture moved to host memory (see host_trainer_estimate).
 """
 
 from __future__ import annotations
