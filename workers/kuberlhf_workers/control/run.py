@@ -87,6 +87,45 @@ def _quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+# Where a container's memory limit is written: cgroup v2, then v1 (which says "no limit" with a huge number).
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def host_memory(
+    meminfo: Path = Path("/proc/meminfo"), cgroups: Sequence[Path] = CGROUP_LIMITS
+) -> tuple[float, str]:
+    """The memory this run's processes may use, in bytes, and whose limit it is: the machine's total,
+    or a container's cgroup limit when that is lower (a pod's memory limit)."""
+    total, source = float("inf"), "this machine"
+    for line in meminfo.read_text().splitlines() if meminfo.is_file() else []:
+        if line.startswith("MemTotal:"):
+            total = float(line.split()[1]) * 1024
+    for path in cgroups:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and float(text) < total:
+            total, source = float(text), f"the container's memory limit ({path})"
+    return total, source
+
+
+def warn_host_memory(spec: api.RLHFJobSpec, ray_address: str) -> None:
+    """Before a local CPU run starts: say so when its trainer ranks would not fit in this host's
+    memory (the kernel would kill a rank part-way instead), with the change that would fit."""
+    import torch
+
+    from kuberlhf.memory import host_memory_problem
+    from kuberlhf.modelsize import model_shape
+
+    if ray_address != "local" or torch.cuda.is_available():
+        return
+    available, source = host_memory()
+    problem = host_memory_problem(spec, model_shape(spec.model.actor, spec.model.size), available, source)
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> int:
     _quiet_environment()
     path = Path(args.file)
@@ -133,6 +172,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
     reporter = from_environment()  # inside a RayJob: progress into the RLHFJob's status
     if reporter is not None:
         callbacks.append(reporter)
+    warn_host_memory(job.spec, args.ray_address)
     program = PROGRAMS[api.ALGORITHMS[job.spec.algorithm].program]()
     driver = program(
         job,

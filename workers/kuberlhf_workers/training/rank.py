@@ -77,7 +77,8 @@ class DeepSpeedRank:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
             sharded = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
-        self.memory_mib = {"before_build": resident_mib()}
+        # VmRSS too: the process's own baseline (imports, gloo), which the host estimate adds.
+        self.memory_mib = {"before_build": resident_mib(), "rss_before_build": resident_mib("VmRSS")}
         model = build()
         self.memory_mib["after_build"] = resident_mib()
         if self.trainer.gradient_checkpointing:
@@ -245,11 +246,11 @@ def _metas(out: dict[str, OutWeight]) -> list[ParamMeta]:
     return [param_meta(name, params[0]) for name, (params, _) in out.items()]
 
 
-def resident_mib() -> float:
-    """This process's resident memory now, in MiB (anonymous pages only: a memory-mapped
+def resident_mib(field: str = "RssAnon") -> float:
+    """This process's resident memory now, in MiB (by default anonymous pages only: a memory-mapped
     checkpoint being read is page cache, not memory the rank holds)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
