@@ -52,18 +52,16 @@ def free_port() -> int:
 
 @pytest.mark.unit
 def test_vllm_engines_receive_through_the_weight_transfer_api_and_other_paths_stay() -> None:
-    cpu_vllm = spec_of(rollout={"engine": "vllm"})
-    assert engine_backend(cpu_vllm) == GLOO_BACKEND
+    assert engine_backend(CPU_VLLM) == GLOO_BACKEND
     plan = plan_buckets([param_meta("w", torch.zeros(4))], 1024)
-    sender, receivers = transport_kind(cpu_vllm).make(("127.0.0.1", 1234), 2, plan, 5.0)
+    sender, receivers = transport_kind(CPU_VLLM).make(("127.0.0.1", 1234), 2, plan, 5.0)
     assert isinstance(sender, CollectiveTransport) and (sender.rank, sender.world_size) == (0, 3)
     assert all(isinstance(r, EngineReceiver) for r in receivers)
     offsets = [r.init_info["rank_offset"] for r in receivers if isinstance(r, EngineReceiver)]
     assert offsets == [1, 2]
 
-    gpu = {"actor": {"resources": {"gpus": 1}}, "rollout": {"engine": "vllm", "resources": {"gpus": 1}}}
-    assert engine_backend(spec_of(**gpu)) == "nccl"  # vLLM's own engine, trainer GPU to engine GPU
-    nccl_sender, _ = transport_kind(spec_of(**gpu)).make(("127.0.0.1", 1234), 1, plan, 5.0)
+    assert engine_backend(GPU_VLLM) == "nccl"  # vLLM's own engine, trainer GPU to engine GPU
+    nccl_sender, _ = transport_kind(GPU_VLLM).make(("127.0.0.1", 1234), 1, plan, 5.0)
     assert isinstance(nccl_sender, VLLMNcclSender)
 
     hf = spec_of(rollout={"engine": "hf"})
@@ -78,7 +76,7 @@ def test_an_engine_without_the_weight_transfer_api_is_refused_naming_the_engine_
     class HFLike:
         def load_weights(self, named: Any) -> None: ...
 
-    with pytest.raises(TypeError, match="rollout.engine: vllm"):
+    with pytest.raises(TypeError, match=r"rollout\.engine: vllm"):
         EngineReceiver({}, {}).connect(HFLike())
 
 
@@ -99,19 +97,26 @@ def transfer_engine(engine) -> Any:
     return engine.llm.collective_rpc(lambda worker: worker.weight_transfer_engine)[0]
 
 
-def sync(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> int:
-    """Trainer rank 0 and the rollout actor's end, as the driver builds them for a CPU vLLM spec (a new
-    sync group each time, as after a replaced engine); returns the number of buckets."""
+CPU_VLLM = spec_of(rollout={"engine": "vllm"})
+GPU_VLLM = spec_of(actor={"resources": {"gpus": 1}}, rollout={"engine": "vllm", "resources": {"gpus": 1}})
+
+
+def sync(
+    engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int, spec: RLHFJobSpec = CPU_VLLM,
+    device: str = "cpu",
+) -> int:
+    """Trainer rank 0 (on `device`) and the rollout actor's end, as the driver builds them for `spec`
+    (a new sync group each time, as after a replaced engine); returns the number of buckets."""
     plan = plan_buckets([param_meta(n, t) for n, t in named], bucket_bytes)
-    sender, (receiver,) = transport_kind(spec_of(rollout={"engine": "vllm"})).make(
-        ("127.0.0.1", free_port()), 1, plan, 60.0
-    )
+    sender, (receiver,) = transport_kind(spec).make(("127.0.0.1", free_port()), 1, plan, 60.0)
     by_name, errors = dict(named), []
 
     def trainer_rank0() -> None:
         try:
+            if device.startswith("cuda:"):
+                torch.cuda.set_device(device)  # per thread: the engine keeps cuda:0
             sender.connect()
-            sender.send([[(m.name, by_name[m.name]) for m in bucket] for bucket in plan])
+            sender.send([[(m.name, by_name[m.name].to(device)) for m in bucket] for bucket in plan])
         except Exception as exc:  # surfaced by the assert below
             errors.append(exc)
 
@@ -186,3 +191,21 @@ def test_after_a_gloo_sync_in_many_bf16_and_fp32_buckets_vllm_generates_as_the_t
     attention = [(n, p.detach().clone()) for n, p in partial.named_parameters() if "self_attn" in n]
     sync(engine, attention, 16 * 1024)
     assert engine.generate(GREEDY).response_ids == hf_greedy(partial, tokenizer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs 2 NVIDIA GPUs and vLLM: vLLM's nccl weight-transfer engine, trainer GPU to engine GPU",
+)
+def test_after_a_sync_through_vllms_own_nccl_engine_vllm_generates_as_the_trainer(
+    tiny_model_dir: Path,
+) -> None:
+    from kuberlhf_workers.rollout.vllm_engine import VLLMBackend
+
+    engine = VLLMBackend(str(tiny_model_dir), seed=0, dtype="float32", weight_transfer_backend="nccl")
+    trainer = perturbed(tiny_model_dir, seed=3)
+    named = [(n, p.detach().clone()) for n, p in trainer.named_parameters()]
+    sync(engine, named, 16 * 1024, GPU_VLLM, "cuda:1")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert engine.generate(GREEDY).response_ids == hf_greedy(trainer, tokenizer)
