@@ -44,6 +44,10 @@ def spec_of(**spec: Any) -> RLHFJobSpec:
     return parse_job(doc).spec
 
 
+CPU_VLLM = spec_of(rollout={"engine": "vllm"})
+GPU_VLLM = spec_of(actor={"resources": {"gpus": 1}}, rollout={"engine": "vllm", "resources": {"gpus": 1}})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,20 +89,15 @@ def test_an_engine_without_the_weight_transfer_api_is_refused_naming_the_engine_
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path):
-    from kuberlhf_workers.rollout.vllm_engine import VLLMBackend
+    """Started as the rollout actor starts it for a CPU vLLM spec (fp32 there)."""
+    from kuberlhf_workers.rollout.backend import make_backend
 
-    return VLLMBackend(
-        str(tiny_model_dir), seed=0, dtype="float32", max_model_len=256, weight_transfer_backend=GLOO_BACKEND
-    )
+    return make_backend(CPU_VLLM, tiny_model_dir, torch.device("cpu"))
 
 
 def transfer_engine(engine) -> Any:
     """The weight-transfer engine vLLM's factory created inside the (in-process) worker."""
     return engine.llm.collective_rpc(lambda worker: worker.weight_transfer_engine)[0]
-
-
-CPU_VLLM = spec_of(rollout={"engine": "vllm"})
-GPU_VLLM = spec_of(actor={"resources": {"gpus": 1}}, rollout={"engine": "vllm", "resources": {"gpus": 1}})
 
 
 def sync(
