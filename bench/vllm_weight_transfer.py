@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,15 +52,9 @@ def build_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder / "model")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def one_sync(engine: Any, named: list[tuple[str, Any]], bucket_bytes: int, api: bool) -> float:
     from kuberlhf_workers.base.engine_transports import ENGINE_MAKERS, GLOO_BACKEND
-    from kuberlhf_workers.base.transports import TRANSPORTS, param_meta, plan_buckets
+    from kuberlhf_workers.base.transports import TRANSPORTS, free_port, param_meta, plan_buckets
 
     plan = plan_buckets([param_meta(n, t) for n, t in named], bucket_bytes)
     address = ("127.0.0.1", free_port())

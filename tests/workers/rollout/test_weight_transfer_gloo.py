@@ -8,7 +8,6 @@ if the production path fell back to the rollout actor receiving. One engine for 
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from kuberlhf_workers.base.transports import (
     TRANSPORTS,
     CollectiveTransport,
     ObjectStoreTransport,
+    free_port,
     param_meta,
     plan_buckets,
 )
@@ -46,12 +46,6 @@ def spec_of(**spec: Any) -> RLHFJobSpec:
 
 CPU_VLLM = spec_of(rollout={"engine": "vllm"})
 GPU_VLLM = spec_of(actor={"resources": {"gpus": 1}}, rollout={"engine": "vllm", "resources": {"gpus": 1}})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.unit
