@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -304,6 +305,8 @@ def bucket_check(sizes: Sizes, cuda: bool) -> Result:
         for name, tensor in items:
             dst[name].copy_(tensor)
 
+    sink = types.SimpleNamespace(load_weights=load)  # the receiving engine
+
     def end(rank: int, wire: _Wire) -> CollectiveTransport:
         transport = CollectiveTransport("127.0.0.1", 0, rank, 2, "nccl" if cuda else "gloo", plan, 60.0)
         transport._group = wire
@@ -315,11 +318,11 @@ def bucket_check(sizes: Sizes, cuda: bool) -> Result:
     median_s = {"raw": _timed(lambda: flat_dst.copy_(flat_src), cuda),
                 "per_tensor": _timed(lambda: [dst[n].copy_(t) for n, t in src], cuda),
                 "pack": _timed(lambda: sender.send(buckets()), cuda),
-                "unpack": _timed(lambda: receiver.receive(None, load), cuda)}
+                "unpack": _timed(lambda: receiver.receive(None, sink), cuda)}
     median_s["bucketed"] = median_s["pack"] + median_s["unpack"]
     payloads: list[torch.Tensor] = []
     end(0, _Wire(payloads, record=True)).send(buckets())
-    end(1, _Wire(payloads)).receive(None, load)
+    end(1, _Wire(payloads)).receive(None, sink)
     verified = all(torch.equal(dst[n].view(torch.int16), t.view(torch.int16)) for n, t in src)
     # send() skips the copy for a lone parameter already on the transport's device (as it compares it)
     lone = [b[0].name for b in plan if len(b) == 1 and named[b[0].name].device == sender.device]

@@ -35,7 +35,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -228,6 +228,13 @@ def _unflatten(flat: Any, like: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         offset += p.numel()
 
 
+@dataclass(frozen=True)
+class Sink:
+    """A receiving end's engine: whatever `load_weights` does with the tensors."""
+
+    load_weights: Callable[[Iterable[tuple[str, Any]]], None]
+
+
 def engine_process(conn: Connection) -> None:
     """Rank 1: receives every case the trainer announces, until it announces None."""
     import torch
@@ -264,7 +271,7 @@ def receive_case(conn: Connection, size: str, mode: str, backend: str, bucket_by
         if mode == "raw":
             group.broadcast(flat, 0).wait()
         else:
-            transport.receive(None, load)
+            transport.receive(None, Sink(load))
         _sync_point(device)
         conn.send("done")
         if mode == "raw":  # unpacked after the acknowledgement: raw times the broadcast alone
@@ -350,7 +357,7 @@ def run_object_store(sizes: list[str], warmup: int, repeats: int) -> list[dict[s
                 for name, tensor in named:
                     self.params[name].copy_(tensor)
 
-            self.transport.receive(payload, load)
+            self.transport.receive(payload, Sink(load))
 
         def fingerprint(self) -> list[tuple[str, float]]:
             return fingerprint(self.params.items())

@@ -81,7 +81,7 @@ def test_gloo_transport_delivers_every_tensor_exactly_in_few_broadcasts_through_
     def receive(transport: CollectiveTransport, engine: _Engine, seen: set[int]) -> None:
         transport.connect()
         for _ in syncs:
-            transport.receive(None, engine.load_weights)
+            transport.receive(None, engine)
             seen.update(b.data_ptr() for b in transport._buffers)
 
     threads = [
@@ -106,7 +106,7 @@ def test_object_store_transport_delivers_the_state_dict(ray_session):
     transport = ObjectStoreTransport(30.0)
     payload = transport.send([list(weights.items())])
     engine = _Engine(weights)
-    transport.receive(payload, engine.load_weights)
+    transport.receive(payload, engine)
     for name, tensor in weights.items():
         assert torch.equal(engine.params[name], tensor), name
 
@@ -134,7 +134,7 @@ def test_a_sync_whose_sender_never_sends_times_out_instead_of_hanging():
     joined.join(timeout=30)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?i)timed? ?out"):
-        receiver.receive(None, _Engine(weights).load_weights)  # the trainer is stuck elsewhere
+        receiver.receive(None, _Engine(weights))  # the trainer is stuck elsewhere
     assert time.monotonic() - started < 20
 
 

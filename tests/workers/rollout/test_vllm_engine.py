@@ -185,7 +185,7 @@ def sync_over(
     thread.start()
     receiver = CollectiveTransport("127.0.0.1", port, 1, 2, backend, plan, timeout_s)
     receiver.connect()
-    receiver.receive(None, engine.load_weights)
+    receiver.receive(None, engine)
     thread.join(timeout=timeout_s)
     assert not errors
 

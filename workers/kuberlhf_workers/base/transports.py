@@ -15,6 +15,9 @@ named in one table (`TRANSPORTS`, keyed like the API's `weightSync.transport`):
 
 Both sides derive the same bucket plan from the same parameter list, so only tensors, never
 names or shapes, go over the wire during a sync.
+
+With `rollout.engine: vllm` the receiving end lives inside vLLM's workers instead, behind vLLM's
+own weight-transfer API (`base.engine_transports`); the plan and the wire format are these.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ import torch
 from kuberlhf.api import WeightTransportName
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-Loader = Callable[[Iterable[tuple[str, torch.Tensor]]], None]
+
+
+class WeightSink(Protocol):
+    """What a receiving end feeds: the rollout engine (every backend can load full HF-named tensors)."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the tensors; they may be views of a buffer the next bucket overwrites (copy them)."""
+        ...
 
 
 class WeightTransport(Protocol):
@@ -45,16 +55,17 @@ class WeightTransport(Protocol):
 
     receivers_wait_for_sender: ClassVar[bool]
 
-    def connect(self) -> None:
-        """Join the transport (for a collective: blocks until every member joined)."""
+    def connect(self, engine: WeightSink | None = None) -> None:
+        """Join the transport (for a collective: blocks until every member joined). A receiving end
+        is given the engine it feeds: some join from inside it."""
         ...
 
     def send(self, buckets: Iterable[NamedTensors]) -> Any:
         """Send full tensors bucket by bucket; returns the payload receivers are given (or None)."""
         ...
 
-    def receive(self, payload: Any, load: Loader) -> None:
-        """Receive one sync, handing tensors to `load` (which must copy them before returning)."""
+    def receive(self, payload: Any, engine: WeightSink) -> None:
+        """Receive one sync into `engine`."""
         ...
 
 
@@ -136,11 +147,13 @@ def free_port(ephemeral_range: str = "/proc/sys/net/ipv4/ip_local_port_range") -
 _LOWEST_PORT = 20000  # above the well-known and most registered service ports
 
 
-def _nbytes(bucket: list[ParamMeta]) -> int:
+def bucket_nbytes(bucket: list[ParamMeta]) -> int:
+    """Bytes of one bucket's flat buffer (a bucket holds one dtype)."""
     return sum(m.numel for m in bucket) * torch.empty((), dtype=bucket[0].torch_dtype).element_size()
 
 
-def _split(flat: torch.Tensor, bucket: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+def split_bucket(flat: torch.Tensor, bucket: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The bucket's parameters as views into its flat buffer, in plan order."""
     offset = 0
     for m in bucket:
         yield m.name, flat[offset : offset + m.numel].view(m.shape)
@@ -165,7 +178,7 @@ class CollectiveTransport:
     _group: Any = None
     _buffers: list[torch.Tensor] = field(default_factory=list)
 
-    def connect(self) -> None:
+    def connect(self, engine: WeightSink | None = None) -> None:
         import torch.distributed as dist
 
         timeout = timedelta(seconds=self.timeout_s)
@@ -188,7 +201,7 @@ class CollectiveTransport:
         wire the other is packed (sender) or unpacked (receiver). A plan mixing dtypes is served
         by byte buffers viewed per bucket."""
         if not self._buffers:
-            largest = max((_nbytes(bucket) for bucket in self.plan), default=0)
+            largest = max((bucket_nbytes(bucket) for bucket in self.plan), default=0)
             self._buffers = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(2)]
         return self._buffers[slot]
 
@@ -213,14 +226,15 @@ class CollectiveTransport:
             if work is not None:
                 work.wait()
 
-    def receive(self, payload: Any, load: Loader) -> None:
-        """`load` gets views into the reused buffers: it must copy them before it returns, because
-        a later bucket overwrites them (every backend's load_weights copies into its parameters).
+    def receive(self, payload: Any, engine: WeightSink) -> None:
+        """`engine.load_weights` gets views into the reused buffers: it must copy them before it
+        returns, because a later bucket overwrites them (every backend's load_weights copies into
+        its parameters).
         Bucket k+1 is already arriving while bucket k is loaded."""
 
         def post(k: int) -> tuple[torch.Tensor, Any]:
             bucket = self.plan[k]
-            flat = self._buffer(k % 2)[: _nbytes(bucket)].view(bucket[0].torch_dtype)
+            flat = self._buffer(k % 2)[: bucket_nbytes(bucket)].view(bucket[0].torch_dtype)
             return flat, self._group.broadcast(flat, 0)
 
         upcoming = post(0) if self.plan else None
@@ -230,7 +244,7 @@ class CollectiveTransport:
             work.wait()
             # The other buffer held bucket k-1, loaded in the previous round: free to receive into.
             upcoming = post(k + 1) if k + 1 < len(self.plan) else None
-            load(_split(flat, bucket))
+            engine.load_weights(split_bucket(flat, bucket))
 
 
 @dataclass
@@ -240,7 +254,7 @@ class ObjectStoreTransport:
     receivers_wait_for_sender: ClassVar[bool] = True
     timeout_s: float
 
-    def connect(self) -> None:
+    def connect(self, engine: WeightSink | None = None) -> None:
         return None
 
     def send(self, buckets: Iterable[NamedTensors]) -> list[Any]:
@@ -249,11 +263,11 @@ class ObjectStoreTransport:
         state = {name: t.detach().to("cpu", copy=True) for bucket in buckets for name, t in bucket}
         return [ray.put(state)]  # wrapped in a list so Ray passes the reference, not the value
 
-    def receive(self, payload: Any, load: Loader) -> None:
+    def receive(self, payload: Any, engine: WeightSink) -> None:
         import ray
 
         state = ray.get(payload[0], timeout=self.timeout_s)
-        load(state.items())
+        engine.load_weights(state.items())
 
 
 Transports = tuple[WeightTransport, list[WeightTransport]]

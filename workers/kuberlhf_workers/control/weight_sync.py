@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 from kuberlhf.api import RLHFJobSpec
-from kuberlhf.placement import weight_sync_transport
-from kuberlhf_workers.base.transports import TRANSPORTS, WeightTransport, plan_buckets
+from kuberlhf_workers.base.engine_transports import transport_kind
+from kuberlhf_workers.base.transports import WeightTransport, plan_buckets
 from kuberlhf_workers.control.faults import ROLLOUT_RETRIES, unresponsive, wait_all
 from kuberlhf_workers.control.groups import ActorGroup
 from kuberlhf_workers.control.handles import RolloutHandle, TrainerHandle
@@ -34,7 +34,7 @@ class WeightSync:
         self.spec, self.engines, self.trainers = spec, engines, trainers
         self.timeout_s = spec.weight_sync.timeout_seconds
         self.step_timeout = step_timeout
-        self.kind = TRANSPORTS[weight_sync_transport(spec)]
+        self.kind = transport_kind(spec)
         self.sender: WeightTransport | None = None
         self.restarts = 0  # engines replaced so far
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from kuberlhf.api import RLHFJobSpec, RolloutEngine
+from kuberlhf_workers.base.engine_transports import engine_backend
 from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 
@@ -67,6 +68,7 @@ def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> Ge
         seed=spec.seed,
         max_model_len=spec.data.max_prompt_tokens + max_response_tokens(spec),
         sleep_between_rollouts=sleeps_between_rollouts(spec),
+        weight_transfer_backend=engine_backend(spec),
         # Explicit: vLLM's own "auto" turns an fp32 checkpoint into bf16 even where the trainer
         # computes in fp32.
         dtype="bfloat16" if compute_dtype(spec.precision, device) == torch.bfloat16 else "float32",

