@@ -1,5 +1,6 @@
 """Multi-turn agent RL end to end (local Ray, hf and vllm episodes, DeepSpeed on CPU): the reward of
-multi-turn episodes rises, and a faulty environment fails the step naming itself."""
+multi-turn episodes rises, held-out prompts are evaluated as episodes, and a faulty environment
+fails the step naming itself."""
 
 from __future__ import annotations
 
@@ -66,14 +67,36 @@ def write_agent_spec(folder: Path, model_dir: Path, env_class: str, **spec: Any)
 ENGINES = {"hf": {"engine": "hf"}, "vllm": {"engine": "vllm", "gpuMemoryUtilization": 0.5}}
 
 
+EVAL_PROMPTS = ["Count to five:", "Write a year:", "Digits please:", "Say a number:"]
+
+
+def greedy_eval_reward(model_dir: str, folder: Path, spec_path: Path) -> float:
+    """eval_reward_mean recomputed outside the run: the same greedy episodes on the final weights."""
+    from kuberlhf_workers.base.environments import load_environment_class
+    from kuberlhf_workers.control.evaluation import eval_requests
+    from kuberlhf_workers.rollout.episodes import run_episodes
+    from kuberlhf_workers.rollout.hf import HFBackend
+
+    spec = load(spec_path).spec
+    assert spec.environment is not None
+    (request,) = eval_requests(spec, 8, [{"prompt": p} for p in EVAL_PROMPTS], 1)
+    env_class = load_environment_class(spec.environment.class_, folder)
+    result = run_episodes(HFBackend(model_dir), env_class, spec.environment, 3, request)
+    rewards = result.episode_rewards or []
+    return sum(rewards) / len(rewards)
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_a_multi_turn_run_raises_the_episode_reward_and_reports_its_turns(
     ray_session, tiny_model_dir: Path, tmp_path: Path, engine: str
 ):
     from kuberlhf_workers.control.driver import Driver
 
+    (tmp_path / "held-out.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL_PROMPTS))
     spec = write_agent_spec(tmp_path, tiny_model_dir, "envs.py:Digits", data={"maxNewTokens": 8},
-                            schedule={"steps": 8}, rollout=ENGINES[engine])
+                            schedule={"steps": 8}, rollout=ENGINES[engine],
+                            eval={"prompts": "held-out.jsonl", "everySteps": 4, "samplesPerPrompt": 2,
+                                  "temperature": 0.0, "passThreshold": 0.5})
     metrics = tmp_path / "out" / "metrics.jsonl"
     outcome = Driver(load(spec), tmp_path, tmp_path / "out", callbacks=[JsonlWriter(metrics)]).run()
 
@@ -89,6 +112,17 @@ def test_a_multi_turn_run_raises_the_episode_reward_and_reports_its_turns(
     # Trainer and engine score the model's tokens alike after every weight sync: were an
     # observation token scored, or the engine left behind, the measured KL would not stay near 0.
     assert max(h["approx_kl"] for h in outcome.history) < 1e-2
+    # Held-out prompts are evaluated as greedy episodes of the same environment after steps 4 and 8.
+    evaluated = [h for h in outcome.history if "eval_reward_mean" in h]
+    assert [h["step"] for h in evaluated] == [4, 8]
+    for h in evaluated:
+        assert 0.0 <= h["eval_reward_mean"] <= 3.0 and 0.0 <= h["eval_pass_at_k"] <= 1.0
+        assert h["eval_episodes_failed"] == 0
+    if engine == "hf":  # the same engine outside the run must find the same greedy episodes
+        assert outcome.model is not None
+        assert evaluated[-1]["eval_reward_mean"] == pytest.approx(
+            greedy_eval_reward(outcome.model, tmp_path, spec), abs=1e-6
+        )
 
 
 def test_a_step_whose_episodes_fail_beyond_max_failed_share_fails_naming_the_environment(

@@ -1,7 +1,13 @@
 """Evaluation of an online run on held-out prompts (`spec.eval.prompts`): the rollout engines
 sample `eval.samplesPerPrompt` completions per prompt, the reward workers score them, and the
 step's metrics get `eval_reward_mean` and `eval_pass_at_k` (the share of prompts with at least
-one sample scoring `eval.passThreshold` or more, k being the samples per prompt)."""
+one sample scoring `eval.passThreshold` or more, k being the samples per prompt).
+
+With spec.environment each sample is an episode: the same environment class, built from the eval
+prompt's record, plays it out on the engines (at `eval.temperature`; 0 is greedy) and the
+episode's reward is the sample's score, so there is no reward worker to ask. Failed episodes
+score 0 and are counted in `eval_episodes_failed`; more than maxFailedShare of them fail the
+evaluation as they would a training step."""
 
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ def eval_requests(
             top_p=spec.rollout.top_p,
             max_prompt_tokens=spec.data.max_prompt_tokens,
             seed=mix_seed(spec.seed, EVAL_SEED, step, i),
+            records=tuple(part) if spec.environment is not None else (),
         )
         for i, part in enumerate(split_prompts(records, engines))
     ]
@@ -58,7 +65,7 @@ def evaluate(
         engine.rollout(r)
         for engine, r in zip(rollouts, eval_requests(spec, step, records, len(rollouts)), strict=False)
     ]
-    wait_all(
+    summaries = wait_all(
         [(e.label, summary) for e, (summary, _) in zip(rollouts, calls, strict=False)],
         timeout_s,
         f"evaluation after step {step}",
@@ -66,6 +73,17 @@ def evaluate(
     )
     refs = [result for _, result in calls]
     spp = spec.eval.samples_per_prompt
+    if spec.environment is not None:
+        results = wait_all(
+            [(e.label, ref) for e, ref in zip(rollouts, refs, strict=False)],
+            timeout_s,
+            f"fetching the evaluation episodes after step {step}",
+            "raise spec.schedule.stepTimeoutSeconds",
+        )
+        episode_rewards = [r for result in results for r in result.episode_rewards or []]
+        failed = sum(s["episodes_failed"] for s in summaries)
+        metrics = eval_metrics(episode_rewards, spp, spec.eval.pass_threshold)
+        return {**metrics, "eval_episodes_failed": float(failed)}
     scored = wait_all(
         [(w.label, w.score(refs, records, spp, i, len(rewards))) for i, w in enumerate(rewards)],
         reward_budget_s(spec.online_reward(), len(records) * spp),
