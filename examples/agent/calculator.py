@@ -10,9 +10,10 @@ write `CALC:` or the right product): an answer scores 0.5 times the share of its
 are digits when wrong, and a well-formed tool call earns 0.2. A real model needs none of it: set
 the shaping weights to 0.
 
-An HTTP sandbox plugs in the same way: make `step` `async def`, call the sandbox with a client
-timeout below spec.environment.timeoutSeconds, and return the observation it sends back. A call
-that raises or runs past the timeout fails only its episode (reward 0, counted in the metrics).
+An HTTP sandbox plugs in the same way (http_sandbox.py): `step` is `async def`, calls the sandbox
+with a client timeout below spec.environment.timeoutSeconds and returns the observation it sends
+back. A call that raises or runs past the timeout fails only its episode (reward 0, counted in the
+metrics and logged).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ maxFailedShare of the episodes fail, the rollout fails naming the environment an
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -21,6 +22,8 @@ from kuberlhf.api import EnvironmentSpec
 from kuberlhf_workers.base.environments import EpisodeFailed, call_all, checked_reset, checked_step
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 from kuberlhf_workers.base.seeds import mix_seed
+
+log = logging.getLogger("kuberlhf.environment")
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,9 @@ def _failed(error: EpisodeFailed) -> EpisodeFailed:
 
 def _check_failures(episodes: list[Episode], env_spec: EnvironmentSpec) -> None:
     errors = [ep.error for ep in episodes if ep.error is not None]
+    if errors:  # a few failed episodes do not stop training, so the log is where they show up
+        log.warning("spec.environment.class %r: %d of %d episodes failed (reward 0, not trained on); "
+                    "first error: %s", env_spec.class_, len(errors), len(episodes), errors[0])
     if errors and len(errors) > env_spec.max_failed_share * len(episodes):
         raise EnvironmentFailed(
             f"spec.environment.class {env_spec.class_!r}: {len(errors)} of {len(episodes)} episodes failed, "
