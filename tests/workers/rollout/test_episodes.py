@@ -12,7 +12,7 @@ import torch
 
 from kuberlhf.api import EnvironmentSpec
 from kuberlhf_workers.base.samples import GenerationRequest, summarize
-from kuberlhf_workers.rollout.episodes import EnvironmentFailed, run_episodes
+from kuberlhf_workers.rollout.episodes import EnvironmentFailed, decode, encode_observation, run_episodes
 from kuberlhf_workers.rollout.hf import HFBackend
 from kuberlhf_workers.training.batch import collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
@@ -65,7 +65,7 @@ def segments(ids: list[int], mask: list[int]) -> list[tuple[int, list[int]]]:
 def test_the_loss_mask_is_zero_exactly_on_observation_tokens_and_one_on_the_models_across_turns(engine):
     ThreeTurns.seen = []
     result = run_episodes(engine, ThreeTurns, env_spec(), 3, request())
-    observation = engine.encode_observation(OBSERVATION)
+    observation = encode_observation(engine.tokenizer, OBSERVATION)
     actions = iter(ThreeTurns.seen)
     assert result.turns == [3] * 6 and result.episode_rewards == pytest.approx([0.3] * 6)
     assert result.loss_mask is not None
@@ -78,7 +78,7 @@ def test_the_loss_mask_is_zero_exactly_on_observation_tokens_and_one_on_the_mode
         assert all(lp < 0.0 for lp, m in zip(logps, mask, strict=True) if m == 1)
     # The environment saw exactly the model's turns, decoded from the ids kept in the episode
     # (the turns of the episodes are batched: turn t of every episode, then turn t + 1).
-    per_turn = [[engine.decode(run) for m, run in segments(i, k) if m == 1][t]
+    per_turn = [[decode(engine.tokenizer, run) for m, run in segments(i, k) if m == 1][t]
                 for t in range(3) for i, k in zip(result.response_ids, result.loss_mask, strict=True)]
     assert per_turn == list(actions)
     summary = summarize(result)

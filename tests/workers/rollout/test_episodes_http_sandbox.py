@@ -17,7 +17,7 @@ import pytest
 from kuberlhf.api import EnvironmentSpec
 from kuberlhf_workers.base.environments import load_environment_class
 from kuberlhf_workers.base.samples import GenerationRequest, summarize
-from kuberlhf_workers.rollout.episodes import run_episodes
+from kuberlhf_workers.rollout.episodes import decode, encode_observation, run_episodes
 from kuberlhf_workers.rollout.hf import HFBackend
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "agent"
@@ -122,7 +122,7 @@ def test_sandbox_answers_are_observations_and_its_errors_and_hangs_fail_only_the
     assert "'http_sandbox.py:HttpSandbox': 6 of 8 episodes failed" in caplog.text
 
     assert result.loss_mask is not None
-    observation = engine.encode_observation(" sandbox ran turn 1\n")
+    observation = encode_observation(engine.tokenizer, " sandbox ran turn 1\n")
     turns_sent = []
     for ids, mask in zip(result.response_ids[:2], result.loss_mask[:2], strict=True):
         # model turn, the sandbox's answer (mask 0), model turn: nothing follows the last turn
@@ -130,6 +130,6 @@ def test_sandbox_answers_are_observations_and_its_errors_and_hangs_fail_only_the
         second = first + len(observation)
         assert ids[first:second] == observation and mask[first:second] == [0] * len(observation)
         assert set(mask[:first]) == set(mask[second:]) == {1}
-        turns_sent += [engine.decode(ids[:first]), engine.decode(ids[second:])]
+        turns_sent += [decode(engine.tokenizer, ids[:first]), decode(engine.tokenizer, ids[second:])]
     assert sorted(Sandbox.actions) == sorted(turns_sent)  # the sandbox ran exactly the model's turns
     assert all(sum(m) == 0 for m in result.loss_mask[2:])  # failed episodes are not trained on

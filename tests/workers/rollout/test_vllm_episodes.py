@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kuberlhf_workers.rollout.episodes import TurnGenerator, run_episodes
+from kuberlhf_workers.rollout.episodes import TurnGenerator, decode, encode_observation, run_episodes
 from kuberlhf_workers.training.batch import collate, token_logprobs
 from kuberlhf_workers.training.forward import forward_logits
 from tests.workers.rollout.test_episodes import OBSERVATION, ThreeTurns, env_spec, request, segments
@@ -32,7 +32,7 @@ def test_the_vllm_backend_is_a_turn_generator(engine) -> None:
 def test_the_loss_mask_is_zero_exactly_on_observation_tokens_and_one_on_the_models_across_turns(engine):
     ThreeTurns.seen = []
     result = run_episodes(engine, ThreeTurns, env_spec(), 3, request())
-    observation = engine.encode_observation(OBSERVATION)
+    observation = encode_observation(engine.tokenizer, OBSERVATION)
     assert result.turns == [3] * 6 and result.episode_rewards == pytest.approx([0.3] * 6)
     assert result.loss_mask is not None
     for ids, mask, logps in zip(result.response_ids, result.loss_mask, result.response_logprobs, strict=True):
@@ -43,7 +43,7 @@ def test_the_loss_mask_is_zero_exactly_on_observation_tokens_and_one_on_the_mode
         assert all(lp <= 0.0 for lp, m in zip(logps, mask, strict=True) if m == 1)
         assert all(len(run) <= 6 for m, run in runs if m == 1), "a turn exceeded data.maxNewTokens"
     # The environment read exactly the model's turns, decoded from the ids kept in the episode.
-    per_turn = [[engine.decode(run) for m, run in segments(i, k) if m == 1][t]
+    per_turn = [[decode(engine.tokenizer, run) for m, run in segments(i, k) if m == 1][t]
                 for t in range(3) for i, k in zip(result.response_ids, result.loss_mask, strict=True)]
     assert per_turn == ThreeTurns.seen
     # Episodes of one prompt start from the same context and still sample differently (own seeds).

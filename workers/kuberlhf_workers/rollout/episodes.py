@@ -38,16 +38,12 @@ class Turn:
 class TurnGenerator(Protocol):
     """A rollout backend that continues token contexts (what multi-turn episodes need)."""
 
+    # The engine's transformers tokenizer: observations are encoded and turns decoded with it by
+    # the functions below, the same way for every backend.
+    tokenizer: Any
+
     def encode_prompt(self, text: str, max_tokens: int) -> list[int]:
         """The prompt's ids, as single-turn generation encodes it (cut from the left)."""
-        ...
-
-    def encode_observation(self, text: str) -> list[int]:
-        """An observation's ids, without special tokens."""
-        ...
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of a model turn, without special tokens (what the environment reads)."""
         ...
 
     def sample_turns(
@@ -55,6 +51,17 @@ class TurnGenerator(Protocol):
     ) -> list[Turn]:
         """One turn for each context, row i at most max_new_tokens[i] tokens, ending at EOS."""
         ...
+
+
+def encode_observation(tokenizer: Any, text: str) -> list[int]:
+    """An observation's ids, without special tokens: it continues the episode, it starts nothing."""
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """Text of a model turn or an episode, without special tokens (what the environment reads)."""
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 class EnvironmentFailed(RuntimeError):
@@ -141,7 +148,7 @@ def run_episodes(
         sampled = engine.sample_turns(contexts, budgets, request, mix_seed(request.seed, turn))
         for i, out in zip(live, sampled, strict=True):
             episodes[i].add_turn(out)
-        actions = [engine.decode(out.ids) for out in sampled]
+        actions = [decode(engine.tokenizer, out.ids) for out in sampled]
         steps = call_all(
             [functools.partial(envs[i].step, a) for i, a in zip(live, actions, strict=True)],
             timeout,
@@ -161,14 +168,14 @@ def run_episodes(
             if len(ep.response) >= env_spec.max_tokens:
                 ep.truncated = True
             elif observation:
-                ep.add_observation(engine.encode_observation(observation), env_spec.max_tokens)
+                ep.add_observation(encode_observation(engine.tokenizer, observation), env_spec.max_tokens)
     for ep in episodes:
         if ep.open:  # out of turns before the environment said done
             ep.truncated = True
     _check_failures(episodes, env_spec)
     return GenerationResult(
         prompts=prompts,
-        responses=[engine.decode(ep.response) for ep in episodes],
+        responses=[decode(engine.tokenizer, ep.response) for ep in episodes],
         prompt_ids=[ep.prompt for ep in episodes],
         response_ids=[ep.response for ep in episodes],
         response_logprobs=[ep.logprobs for ep in episodes],

@@ -93,13 +93,6 @@ class HFBackend:
         ids: list[int] = self.tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
         return ids
 
-    def encode_observation(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
     def sample_turns(
         self, contexts: list[list[int]], max_new_tokens: list[int], request: GenerationRequest, seed: int
     ) -> list[Turn]:
