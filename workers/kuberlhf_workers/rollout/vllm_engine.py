@@ -89,6 +89,15 @@ def token_batches(lengths: list[int], limit: int) -> list[slice]:
     return batches
 
 
+def prefill_tokens(length: int, n: int, cached_block: int | None) -> int:
+    """Tokens a prompt of `n` samples schedules in its first step: its n copies start together, and
+    with prefix caching (`cached_block`: the block size) all but the first find the prompt's full
+    blocks already cached and compute at most one block each; without it each computes it all."""
+    if cached_block is None:
+        return n * length
+    return length + (n - 1) * min(length, cached_block)
+
+
 def fused_group(name: str) -> tuple[str, int] | None:
     """(fused parameter name, number of parts) when `name` is one part of a vLLM-fused module."""
     parts = name.split(".")
@@ -187,7 +196,7 @@ class VLLMBackend:
 
         self.config = json.loads((Path(model_dir) / "config.json").read_text())
         self.tensor_parallel_size = tensor_parallel_size
-        on_gpu = torch.cuda.is_available()
+        self.on_gpu = on_gpu = torch.cuda.is_available()
         if not on_gpu:
             check_cpu_head_size(self.config, model_dir)
             cores = len(os.sched_getaffinity(0))
@@ -230,21 +239,33 @@ class VLLMBackend:
             for text in request.prompts
         ]
         params = [SamplingParams(**sampling_kwargs(request, i)) for i in range(len(prompts))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return to_result(request, outputs)
+        return to_result(request, self._generate(prompts, params))
+
+    def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        """vLLM's generate; on CPU one call per run of requests that fits one scheduler step.
+
+        A request that does not fit its step is prefilled in chunks, and vLLM rewinds a chunked
+        seeded request's generator, which CPU generators cannot do ("CPU Generator does not use
+        offset"); every request here is seeded. Each request has its own seed, so where the calls
+        split changes no sample. GPU generators rewind, and there one call keeps the whole batch
+        in continuous batching.
+        """
+        if self.on_gpu:
+            return list(self.llm.generate(prompts, params, use_tqdm=False))
+        config = self.llm.llm_engine.vllm_config
+        block = config.cache_config.block_size if config.cache_config.enable_prefix_caching else None
+        pairs = zip(prompts, params, strict=True)
+        weights = [prefill_tokens(len(p["prompt_token_ids"]), sp.n, block) for p, sp in pairs]
+        outputs = []
+        for part in token_batches(weights, config.scheduler_config.max_num_batched_tokens):
+            outputs += self.llm.generate(prompts[part], params[part], use_tqdm=False)
+        return outputs
 
     # -- token-level turns (multi-turn episodes, rollout.episodes) --------------------------------
 
     def encode_prompt(self, text: str, max_tokens: int) -> list[int]:
         ids: list[int] = self.tokenizer(text)["input_ids"][-max_tokens:]  # as `generate` cuts prompts
         return ids
-
-    def encode_observation(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def sample_turns(
         self, contexts: list[list[int]], max_new_tokens: list[int], request: GenerationRequest, seed: int
@@ -259,14 +280,9 @@ class VLLMBackend:
             for row, budget in enumerate(max_new_tokens)
         ]
         turns = []
-        # Each call's contexts fit one scheduler step, so no context is prefilled in chunks: vLLM
-        # rewinds a chunked seeded request's generator, which CPU generators cannot do ("CPU
-        # Generator does not use offset"); long multi-turn contexts reach that limit.
-        limit = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-        for part in token_batches([len(c) for c in contexts], limit):
-            for output in self.llm.generate(prompts[part], params[part], use_tqdm=False):
-                completion = output.outputs[0]
-                turns.append(Turn(list(completion.token_ids), sampled_logprobs(completion)))
+        for output in self._generate(prompts, params):  # long multi-turn contexts fill scheduler steps
+            completion = output.outputs[0]
+            turns.append(Turn(list(completion.token_ids), sampled_logprobs(completion)))
         return turns
 
     def sleep(self) -> None:
