@@ -278,6 +278,12 @@ def test_an_environment_runs_on_either_engine_and_is_refused_for_offline_algorit
     assert refused in problems_of(sft)
 
 
+def test_an_environment_run_is_evaluated_on_held_out_prompts_as_episodes() -> None:
+    obj = with_environment()
+    obj["spec"]["eval"] = {"prompts": "held-out.jsonl", "everySteps": 5, "temperature": 0.0}
+    assert api.parse_job(obj).spec.eval.prompts == "held-out.jsonl"
+
+
 # -- prompt mixing and tracking ---------------------------------------------------------------------
 
 
