@@ -22,8 +22,8 @@ from kuberlhf_workers.rollout.hf import HFBackend
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "agent"
 MODES = ["ok", "error", "hang", "malformed"]  # how the sandbox treats each prompt's episodes
-CLIENT_TIMEOUT_S = 0.5
-ENV_TIMEOUT_S = 5.0
+CLIENT_TIMEOUT_S = 2.0  # generous: a loaded test machine delays answers that do come
+ENV_TIMEOUT_S = 10.0
 
 
 class Sandbox(BaseHTTPRequestHandler):
