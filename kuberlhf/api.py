@@ -41,6 +41,8 @@ RewardSource = Literal["function", "model", "url"]
 TrainerRole = Literal["actor", "critic"]
 # The numerics of every model of a job (kuberlhf_workers.base.precision resolves "auto" per node).
 Precision = Literal["auto", "bf16", "fp32"]
+# How trainers lay a micro-batch out for its forward pass (kuberlhf_workers.training.padding).
+Padding = Literal["auto", "pad", "pack", "bucket"]
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,13 @@ class TrainerSpec(_Model):
     epochs: int = Field(1, ge=1, le=16, description="Passes over each rollout batch.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    padding: Padding = Field(
+        "auto", description="How each micro-batch goes through the model (the loss is the same): pad to "
+        "the step's longest prompt and response; bucket: rows sorted by length in groups of 8, each "
+        "padded to its own longest; pack: sequences back to back with position ids restarting per "
+        "sequence (flash-attention's varlen kernel on a GPU with flash_attn, else a block-diagonal "
+        "mask); auto: varlen where flash_attn runs, else bucket.",
+    )
 
     @property
     def world_size(self) -> int:

@@ -72,11 +72,16 @@ def response_logits(logits: torch.Tensor, prompt_len: int, response_len: int) ->
 
 def token_logprobs(logits: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
     """Log-probs of the response tokens under `logits` ([B, P+T, V]), temperature-scaled as sampled."""
-    response_len = batch.response_mask.shape[1]
-    scores = response_logits(logits, batch.prompt_len, response_len).float()
+    scores = response_logits(logits, batch.prompt_len, batch.response_mask.shape[1])
+    return response_logprobs(scores, batch, temperature)
+
+
+def response_logprobs(scores: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens under the logits that predicted them ([B, T, V])."""
+    scores = scores.float()
     if temperature > 0 and temperature != 1.0:
         scores = scores / temperature
-    targets = batch.input_ids[:, batch.prompt_len : batch.prompt_len + response_len]
+    targets = batch.input_ids[:, batch.prompt_len : batch.prompt_len + scores.shape[1]].to(scores.device)
     picked = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scores, dim=-1)
 

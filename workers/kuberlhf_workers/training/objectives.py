@@ -8,24 +8,25 @@ controller program that feeds it batches is chosen in `control.run.PROGRAMS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerRole, TrainerSpec
-from kuberlhf_workers.training import algorithms
-from kuberlhf_workers.training.batch import Batch, response_logits, response_values, token_logprobs
+from kuberlhf_workers.base.precision import compute_dtype
+from kuberlhf_workers.training import algorithms, padding
+from kuberlhf_workers.training.batch import Batch, response_logprobs
 from kuberlhf_workers.training.experience import Experience, batch_metrics
-from kuberlhf_workers.training.forward import forward_logits
 
 Metrics = dict[str, float]
+CPU = torch.device("cpu")
 
 
 class Objective(Protocol):
     """A loss over micro-batches of an `Experience`, and the model it trains."""
 
     trainer: TrainerSpec  # the spec section that sizes this group (replicas, ZeRO, learning rate)
+    layout: padding.Layout  # how its micro-batches go through the model (trainer.padding, resolved)
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         """The trainable model, loaded in fp32 (DeepSpeed casts for its mixed precision)."""
@@ -42,26 +43,44 @@ class Objective(Protocol):
         ...
 
 
-class PolicyObjective:
-    """The actor: PPO's clipped surrogate with the algorithm's aggregation, plus an optional KL loss."""
+def _layout(spec: RLHFJobSpec, trainer: TrainerSpec, device: torch.device) -> padding.Layout:
+    return padding.resolve(trainer.padding, device, compute_dtype(spec.precision, device))
 
-    def __init__(self, spec: RLHFJobSpec):
+
+def _attention(layout: padding.Layout) -> dict[str, str]:
+    kernel = padding.attention_implementation(layout)
+    return {} if kernel is None else {"attn_implementation": kernel}
+
+
+class PolicyObjective:
+    """The actor: PPO's clipped surrogate with the algorithm's aggregation, plus an optional KL loss.
+    `device`: where the rank computes, which decides what spec.actor.padding resolves to."""
+
+    def __init__(self, spec: RLHFJobSpec, device: torch.device = CPU):
         self.spec = spec
         self.trainer: TrainerSpec = spec.actor
+        self.layout = _layout(spec, self.trainer, device)
+        self.bucket_rows = padding.BUCKET_ROWS
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, **_attention(self.layout)
+        )
         return model
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The logits that predicted each response token ([B, T, V]), through the layout."""
+        return padding.response_outputs(model, batch, self.layout, bucket_rows=self.bucket_rows)
 
     def loss(
         self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
     ) -> tuple[torch.Tensor, Metrics]:
         mb = exp.batch.rows(rows)
         mask = mb.response_mask.to(device)
-        logits = forward_logits(model, mb)
-        logp = token_logprobs(logits, mb, self.spec.rollout.temperature)
+        scores = self.scores(model, mb)
+        logp = response_logprobs(scores, mb, self.spec.rollout.temperature)
         loss_spec = self.spec.loss
         behaviour = mb.behaviour_logp.to(device)
         old = exp.old_logp[rows].to(device) if exp.old_logp is not None else behaviour
@@ -85,7 +104,6 @@ class PolicyObjective:
             loss = loss + exp.kl_coef * kl_term
         if loss_spec.entropy_coef > 0:
             temperature = self.spec.rollout.temperature
-            scores = response_logits(logits, mb.prompt_len, mask.shape[1])
             entropy = algorithms.entropy(scores / temperature if temperature > 0 else scores, mask)
             loss = loss - loss_spec.entropy_coef * entropy
             metrics["entropy"] = float(entropy.detach())
@@ -102,27 +120,33 @@ class PolicyObjective:
         correction weighs against the engine's."""
         mb = exp.batch.rows(rows)
         with torch.no_grad():
-            return token_logprobs(forward_logits(model, mb), mb, self.spec.rollout.temperature).cpu()
+            return response_logprobs(self.scores(model, mb), mb, self.spec.rollout.temperature).cpu()
 
 
 class ValueObjective:
     """The critic (ppo): an LM body with a one-unit value head, trained with the clipped value loss."""
 
-    def __init__(self, spec: RLHFJobSpec):
+    def __init__(self, spec: RLHFJobSpec, device: torch.device = CPU):
         self.spec = spec
         self.trainer = spec.critic or spec.actor
+        self.layout = _layout(spec, self.trainer, device)
+        self.bucket_rows = padding.BUCKET_ROWS
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForTokenClassification
 
-        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, **_attention(self.layout)
+        )
         model.config.pad_token_id = pad_id
         module: torch.nn.Module = model
         return module
 
     def values(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Value of the state in which each response token was chosen ([B, T])."""
-        return response_values(forward_logits(model, batch).squeeze(-1), batch)
+        return padding.response_outputs(
+            model, batch, self.layout, causal_lm=False, bucket_rows=self.bucket_rows
+        ).squeeze(-1).float()
 
     def loss(
         self, model: torch.nn.Module, exp: Experience, rows: slice, device: torch.device
@@ -143,7 +167,11 @@ class ValueObjective:
         return {}
 
 
-OBJECTIVES: dict[TrainerRole, Callable[[RLHFJobSpec], Objective]] = {
+class ObjectiveFactory(Protocol):
+    def __call__(self, spec: RLHFJobSpec, device: torch.device = ...) -> Objective: ...
+
+
+OBJECTIVES: dict[TrainerRole, ObjectiveFactory] = {
     "actor": PolicyObjective,
     "critic": ValueObjective,
 }

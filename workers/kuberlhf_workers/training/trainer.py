@@ -51,10 +51,10 @@ class TrainerWorker:
         self.role, self.spec = role, spec
         self.model_path, self.tokenizer_path = local_model(model), local_model(tokenizer)
         self.pad_id = pad_id
-        self.objective = OBJECTIVES[role](spec)
+        device = pick_device(gpus)
+        self.objective = OBJECTIVES[role](spec, device)
         rows = spec.rollout.prompts_per_step * spec.rollout.samples_per_prompt
         layout = train_layout(rows, self.objective.trainer, role)
-        device = pick_device(gpus)
         self.rank = DeepSpeedRank(role, self.objective.trainer, layout, rank, device, spec.precision)
 
     def ready(self) -> bool:
