@@ -109,7 +109,7 @@ def start_workers(
             placements,
             lambda i: (
                 ref_ref, ref_seats[i].gpus, threads, pad_id, temperature, spec.actor.micro_batch_size,
-                spec.precision, spec.reference.zero_stage, i, len(ref_seats),
+                spec.precision, spec.reference.zero_stage, i, len(ref_seats), spec.actor.padding,
             ),
             lambda actor, i: ReferenceHandle(actor, f"reference {i}"),
         ).actors

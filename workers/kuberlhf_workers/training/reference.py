@@ -1,12 +1,14 @@
 """The frozen reference policy: log-probs of the rollout's tokens, for the KL term, computed in
-micro-batches the size of the actor's (the fp32 logits of a whole share would not fit a GPU).
+micro-batches the size of the actor's (the fp32 logits of a whole share would not fit a GPU), laid
+out as the actor's are (spec.actor.padding: training.padding).
 
 A reference that fits one GPU is a whole model in every worker (`reference.zeroStage: 0`). One that
 does not (a 72B reference is 144 GB in bf16) is sharded over the reference workers with DeepSpeed
 ZeRO-3 (`zeroStage: 3`): the workers form a world of their own, the model is built inside
 `zero.Init` so no worker ever holds all of it, and each forward gathers one layer at a time. Those
 gathers are collective, so every worker runs the same number of forwards, padding a short share
-with a repeated micro-batch whose output it drops.
+with a repeated micro-batch whose output it drops, and lays every micro-batch out in one forward
+(the bucket layout's forwards per micro-batch vary with its rows: it becomes pack there).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any
 
 import torch
 
-from kuberlhf.api import Precision
+from kuberlhf.api import Padding, Precision
 from kuberlhf_workers.base.models import ModelRef, local_model, pick_device
 from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import merge_results, shard
 from kuberlhf_workers.base.transports import free_address
-from kuberlhf_workers.training.batch import collate, token_logprobs
-from kuberlhf_workers.training.forward import forward_logits
+from kuberlhf_workers.training import padding as layouts
+from kuberlhf_workers.training.batch import collate, response_logprobs
 from kuberlhf_workers.training.layout import inference_config
 from kuberlhf_workers.training.rank import join_world
 
@@ -43,6 +45,7 @@ class ReferenceWorker:
         zero_stage: int = 0,
         rank: int = 0,
         world: int = 1,
+        padding: Padding = "auto",
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -55,6 +58,9 @@ class ReferenceWorker:
         self.temperature = temperature
         self.micro_batch = micro_batch  # rows per forward: the logits of a whole share would not fit
         self.sharded, self.rank, self.world = zero_stage == 3, rank, world
+        self.layout = layouts.resolve(padding, self.device, self.dtype)
+        if self.sharded and self.layout == "bucket":  # ZeRO-3 gathers: the same forwards on every worker
+            self.layout = "pack"
         self._model: torch.nn.Module | None = None
         if not self.sharded:
             self._model = self._load().to(self.device).eval()
@@ -62,7 +68,9 @@ class ReferenceWorker:
     def _load(self) -> Any:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        kernel = layouts.attention_implementation(self.layout)
+        extra = {} if kernel is None else {"attn_implementation": kernel}
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, **extra)
 
     def ready(self) -> bool:
         return True
@@ -104,6 +112,7 @@ class ReferenceWorker:
         parts = []
         with torch.no_grad():  # not inference_mode: ZeRO-3 re-partitions the gathered parameters after use
             for rows in [batch.rows(s) for s in slices] + [batch.rows(slice(0, 1))] * drop:
-                parts.append(token_logprobs(forward_logits(self.model, rows), rows, self.temperature).cpu())
+                scores = layouts.response_outputs(self.model, rows, self.layout)
+                parts.append(response_logprobs(scores, rows, self.temperature).cpu())
         parts = parts[: len(slices)]
         return torch.cat(parts) if parts else torch.zeros((0, batch.response_mask.shape[1]))
