@@ -371,8 +371,8 @@ class TrainerSpec(_Model):
         "auto", description="How each micro-batch goes through the model (the loss is the same): pad to "
         "the step's longest prompt and response; bucket: rows sorted by length in groups of 8, each "
         "padded to its own longest; pack: sequences back to back with position ids restarting per "
-        "sequence (flash-attention's varlen kernel on a GPU with flash_attn, else a block-diagonal "
-        "mask); auto: varlen where flash_attn runs, else bucket.",
+        "sequence (flash-attention's varlen kernel on a GPU with flash_attn, else rows no longer than "
+        "the longest sequence under a block-diagonal mask); auto: pack (measured fastest on CPU).",
     )
 
     @property

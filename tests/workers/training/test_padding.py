@@ -212,12 +212,13 @@ def test_an_episodes_observations_are_attended_in_every_layout_but_stay_out_of_t
         assert torch.equal(exp.batch.rows(ALL).response_mask, batch.response_mask)
 
 
-def test_auto_is_bucketed_rows_on_a_cpu_and_pack_uses_a_block_diagonal_mask_there() -> None:
-    assert padding.resolve("auto", CPU, torch.float32) == "bucket"
+def test_auto_is_packed_rows_under_a_block_diagonal_mask_on_a_cpu() -> None:
+    assert padding.resolve("auto", CPU, torch.float32) == "pack"
+    assert padding.resolve("bucket", CPU, torch.float32) == "bucket"
     assert padding.resolve("pack", CPU, torch.bfloat16) == "pack"
     assert padding.resolve("pad", CPU, torch.float32) == "pad"
     # flash-attention runs neither fp32 nor without the flash_attn package
-    assert padding.resolve("auto", torch.device("cuda"), torch.float32) == "bucket"
+    assert padding.resolve("auto", torch.device("cuda"), torch.float32) == "pack"
     assert padding.attention_implementation("varlen") == "flash_attention_2"
     assert padding.attention_implementation("bucket") is None
 

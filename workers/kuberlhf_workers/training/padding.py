@@ -39,7 +39,7 @@ from kuberlhf_workers.training.batch import Batch
 from kuberlhf_workers.training.packing import bins
 
 Layout = Literal["pad", "bucket", "pack", "varlen"]
-# Rows per bucket when spec padding is auto or bucket (bench/packing.py: the fastest on CPU).
+# Rows per bucket under spec padding bucket (bench/packing.py: 8 ahead of 4 and 16 at 11M).
 BUCKET_ROWS = 8
 # The token behind the padding of the new layouts: no real token ever attends to it (it comes after
 # them under causal attention, or is a sequence of its own), so any id will do.
@@ -70,11 +70,13 @@ class Row:
 
 def resolve(padding: Padding, device: torch.device, dtype: torch.dtype) -> Layout:
     """The layout spec.<role>.padding asks for on this node. auto: varlen where flash-attention can
-    run it (a CUDA device, the flash_attn package, a 16-bit compute dtype), else bucketed rows."""
+    run it (a CUDA device, the flash_attn package, a 16-bit compute dtype), else packed rows, the
+    fastest on CPU at both sizes bench/packing.py measures (ahead of bucketed rows and of one
+    varlen-style row under SDPA's dense block-diagonal mask)."""
     sixteen_bits = dtype in (torch.bfloat16, torch.float16)
     flash = device.type == "cuda" and sixteen_bits and find_spec("flash_attn") is not None
     if padding == "auto":
-        return "varlen" if flash else "bucket"
+        return "varlen" if flash else "pack"
     if padding == "pack":
         return "varlen" if flash else "pack"
     return padding
