@@ -184,7 +184,7 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or ROOT / "bench" / "out" / f"packing-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": vars(args), "sizes": {}}
+    results: dict[str, Any] = {"benchmark": "packing", "created": stamp, "config": vars(args), "sizes": {}}
     for size in args.sizes.split(","):
         results["sizes"][size] = run_size(size, args, out)
         (out / "results.json").write_text(json.dumps(results, indent=2))

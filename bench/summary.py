@@ -195,7 +195,25 @@ def gpu_table(all_results: list[dict[str, Any]]) -> str:
     return "\n".join([_layout(header, body), *notes])
 
 
-TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table, "gpu": gpu_table}
+# -- bench/packing.py ------------------------------------------------------------------------------
+
+
+def packing_table(all_results: list[dict[str, Any]]) -> str:
+    """One row per run, size and layout: seconds per train step and the speed-ups over pad and main."""
+    header = ["run", "size", "layout", "tokens", "wall s", "cpu s", "x pad (cpu)", "x main (wall)"]
+    body = []
+    for r in all_results:
+        for size, res in r.get("sizes", {}).items():
+            for name, row in res.get("layouts", {}).items():
+                body.append([r.get("created", "?"), size, name, str(row.get("tokens", "?")),
+                             _cell(row.get("wall_s"), "{:.2f}"), _cell(row.get("cpu_s"), "{:.2f}"),
+                             _cell(row.get("speedup_vs_pad_cpu"), "{:.2f}x"),
+                             _cell(row.get("speedup_vs_main_wall"), "{:.2f}x")])
+    return _layout(header, body)
+
+
+TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table, "gpu": gpu_table,
+          "packing": packing_table}
 
 
 def kind(results: dict[str, Any]) -> str:

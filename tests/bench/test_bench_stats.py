@@ -270,3 +270,13 @@ def test_rounds_combine_into_medians_and_keep_each_round():
     assert combined["exit_code"] == 1, "a failed round fails the system"
     assert combined["steps"] == [{"step": 1}] and len(combined["rounds"]) == 3
     assert all("steps" not in r for r in combined["rounds"])
+
+
+def test_packing_table_shows_each_layouts_step_time_and_speedup_per_size():
+    layouts = {"pad": {"tokens": 2112, "wall_s": 1.4, "cpu_s": 2.7, "speedup_vs_pad_cpu": 1.0,
+                       "speedup_vs_main_wall": 1.1},
+               "pack": {"tokens": 1122, "wall_s": 0.7, "cpu_s": 1.35, "speedup_vs_pad_cpu": 2.0,
+                        "speedup_vs_main_wall": 2.16}}
+    text = summary.tables([{"benchmark": "packing", "created": "r1", "sizes": {"11m": {"layouts": layouts}}}])
+    pack = next(line for line in text.splitlines() if " pack " in line)
+    assert pack.split() == ["r1", "11m", "pack", "1122", "0.70", "1.35", "2.00x", "2.16x"]
