@@ -147,10 +147,21 @@ def test_position_ids_restart_at_every_sequence_of_a_packed_row() -> None:
     batch = _rollout([2, 1, 3], [2, 3, 0])  # sequences of 4, 4 and 3 tokens
     (piece,) = padding.pack_pieces(batch, capacity=8)
     assert piece.input_ids.shape == (2, 8)
-    assert piece.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4]]
+    # the second row's padding continues its sequence: behind every real token, causal attention hides it
+    assert piece.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7]]
     (varlen,) = padding.pieces(batch, "varlen")
     assert varlen.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]  # one row, no pad at all
     assert varlen.attention_mask is None
+
+
+def test_packed_rows_that_hold_one_sequence_each_need_no_attention_mask() -> None:
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    alone = padding.pack_pieces(_rollout([2, 3, 1], [6, 2, 4]))[0]  # 8, 5, 5 tokens: rows of 8 hold one each
+    assert alone.input_ids.shape == (3, 8)
+    assert find_packed_sequence_indices(alone.position_ids) is None  # SDPA's plain causal kernel
+    shared = padding.pack_pieces(_rollout([2, 1, 1], [6, 2, 3]))[0]  # 8, 3, 4: the 3 and the 4 share a row
+    assert find_packed_sequence_indices(shared.position_ids) is not None
 
 
 @pytest.mark.parametrize("layout", ["bucket", "pack", "varlen"])

@@ -164,8 +164,11 @@ def bucket_pieces(batch: Batch, bucket_rows: int = BUCKET_ROWS) -> list[Piece]:
 
 def pack_pieces(batch: Batch, capacity: int | None = None) -> list[Piece]:
     """Sequences back to back, rows of at most `capacity` tokens (default: the longest sequence, so
-    no row is longer than the padded one). Position ids restart at 0 for every sequence and for
-    the padding at a row's end, which transformers reads as sequence boundaries."""
+    no row is longer than the padded one). Position ids restart at 0 for every sequence, which
+    transformers reads as sequence boundaries. The padding at a row's end continues its last
+    sequence's positions: it comes after every real token, so causal attention already keeps it
+    out, and a batch in which no row holds two sequences then needs no mask at all (SDPA's
+    causal kernel, as in the bucket layout)."""
     width = batch.response_mask.shape[1]
     rows = sequences(batch)
     lengths = [len(r.ids) for r in rows]
@@ -175,16 +178,16 @@ def pack_pieces(batch: Batch, capacity: int | None = None) -> list[Piece]:
     positions = torch.zeros((len(groups), longest), dtype=torch.long)
     reads, grid = [], []
     for k, group in enumerate(groups):
-        at = 0
+        at = start = 0
         for i in sorted(group):
-            row = rows[i]
+            row, start = rows[i], at
             ids[k, at : at + len(row.ids)] = row.ids
             positions[k, at : at + len(row.ids)] = torch.arange(len(row.ids))
             read, dst = _reads(row, at, k, width)
             reads.append(read)
             grid.append(dst)
             at += len(row.ids)
-        positions[k, at:] = torch.arange(longest - at)
+        positions[k, at:] = torch.arange(at - start, longest - start)  # the last sequence's, continued
     return [_piece(ids, positions, None, reads, grid)]
 
 
