@@ -360,9 +360,9 @@ def deepspeed_check(stage: int, sizes: Sizes, cuda: bool) -> Result:
     from kuberlhf_workers.training.rank import DeepSpeedRank
 
     spec = job_spec(stage, sizes, cuda)
-    objective, rows = PolicyObjective(spec), sizes.prompts * sizes.samples
-    layout = train_layout(rows, objective.trainer, "actor")
     device = torch.device("cuda" if cuda else "cpu")
+    objective, rows = PolicyObjective(spec, device), sizes.prompts * sizes.samples
+    layout = train_layout(rows, objective.trainer, "actor")
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(sizes.llama))  # fp32 on the host, as build_model loads it
     parameters = sum(p.numel() for p in model.parameters())
