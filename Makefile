@@ -8,6 +8,8 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# A loaded 2-core runner can take longer than Ray's default to register a new node (seen in the e2e).
+export RAY_raylet_start_wait_time_s := 60
 
 .PHONY: install chromium demo test lint typecheck unit e2e bench gpu-wheels gpu-check crd clean
 
