@@ -66,8 +66,10 @@ e2e: install
 BENCH_VENV ?= .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed-trl-1.16.0-torch-2.13.0
-BENCH_STEPS ?= 20
-BENCH_ROUNDS ?= 3
+# Empty: each model size's own step count (bench/vs_trl.py SIZES).
+BENCH_STEPS ?=
+BENCH_ROUNDS ?= 2
+BENCH_SIZES ?= 11m,135m
 ifndef BENCH_OUT
 BENCH_OUT := bench/out/$(shell date -u +%Y%m%d-%H%M%S)
 endif
@@ -84,7 +86,8 @@ $(BENCH_STAMP):
 # Sequential runs pinned to cores 0-1 (bench/README.md): use a quiet machine. The second line
 # prints every run kept under bench/out, this one included, as one table.
 bench: install $(BENCH_STAMP)
-	$(BENCH_PY) bench/vs_trl.py --steps $(BENCH_STEPS) --rounds $(BENCH_ROUNDS) --out $(BENCH_OUT)
+	$(BENCH_PY) bench/vs_trl.py --sizes $(BENCH_SIZES) $(if $(BENCH_STEPS),--steps $(BENCH_STEPS)) \
+		--rounds $(BENCH_ROUNDS) --out $(BENCH_OUT)
 	$(PY) bench/weight_sync.py --out $(BENCH_OUT)-weight-sync
 	$(PY) bench/operator_scale.py --out $(BENCH_OUT)-operator
 	$(BENCH_PY) bench/summary.py bench/out/*/results.json

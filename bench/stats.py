@@ -10,6 +10,9 @@ import statistics
 from typing import Any
 
 # Summary fields compared as kuberlhf / TRL; for samples/s higher is better, for the rest lower.
+# The reward "after the same steps": the mean of the last few steps' rewards (one step's mean over
+# 32 samples is noisy).
+TAIL_STEPS = 3
 COMPARED = ("startup_s", "steady_samples_per_s", "steady_step_s", "peak_rss_mib", "wall_s")
 
 
@@ -29,6 +32,7 @@ def kuberlhf_steps(
                 "reward_mean": line["reward_mean"],
                 "t_end_s": seen - started,
                 "step_s": samples_per_step / line["samples_per_second"],
+                "response_length_mean": line.get("response_length_mean"),
                 "phases_s": {
                     phase: line[f"time_{phase}_s"] for phase in ("rollout", "reward", "train", "sync")
                 },
@@ -45,6 +49,7 @@ def trl_steps(records: list[dict[str, Any]], started: float) -> list[dict[str, A
             "reward_mean": r["reward_mean"],
             "t_end_s": r["t_end"] - started,
             "step_s": r["t_end"] - r["t_begin"],
+            "response_length_mean": r.get("response_length_mean"),
             "phases_s": {
                 "generate": r["time_generate_s"],
                 "reward": r["time_reward_s"],
@@ -81,8 +86,36 @@ def summarise(
         steady_phases_s={p: sum(r["phases_s"].get(p, 0.0) for r in steady) / len(steady) for p in phases},
         reward_first=rows[0]["reward_mean"],
         reward_last=rows[-1]["reward_mean"],
+        reward_tail_mean=statistics.fmean(r["reward_mean"] for r in rows[-TAIL_STEPS:]),
     )
+    lengths = [r["response_length_mean"] for r in steady if r.get("response_length_mean") is not None]
+    if len(lengths) == len(steady):
+        summary["steady_response_tokens_mean"] = statistics.fmean(lengths)
     return summary
+
+
+def model_flops_per_sample(matmul_parameters: int, prompt_tokens: float, response_tokens: float) -> float:
+    """The model FLOPs one GRPO sample costs, the same definition for every system: a forward to
+    prefill and generate it (2 per matmul weight per token) and the training forward and backward
+    over the whole sequence (6 per weight per token). Attention-score FLOPs are left out (sequences
+    here are under 100 tokens, a few percent of the total); so are recomputations a system chooses
+    to do (an extra log-prob forward, activation checkpointing), which makes this "model FLOPs"."""
+    return 8.0 * matmul_parameters * (prompt_tokens + response_tokens)
+
+
+def mfu(summary: dict[str, Any], matmul_parameters: int, prompt_tokens: float, samples_per_step: int,
+        peaks_gflops: dict[str, float]) -> dict[str, float] | None:
+    """Model FLOPs per second over the steady steps, and that as a share of each measured matmul
+    peak (`mfu_fp32`, `mfu_bf16`); None without steady steps or response lengths."""
+    response = summary.get("steady_response_tokens_mean")
+    step_s = summary.get("steady_step_s")
+    if response is None or not step_s:
+        return None
+    rate = model_flops_per_sample(matmul_parameters, prompt_tokens, response) * samples_per_step / step_s
+    out = {"model_gflops_per_s": rate / 1e9}
+    for name, peak in peaks_gflops.items():
+        out[f"mfu_{name}"] = rate / 1e9 / peak
+    return out
 
 
 def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | None]:
@@ -99,7 +132,7 @@ def combine_rounds(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     the worst exit code, and the first round's steps and reward curve (the runs are seeded, so
     every round learns alike; each round's own numbers stay under `rounds`)."""
     combined = dict(summaries[0])
-    for key in (*COMPARED, "weights_relative_change"):
+    for key in (*COMPARED, "weights_relative_change", "reward_tail_mean", "steady_response_tokens_mean"):
         values = [s[key] for s in summaries if isinstance(s.get(key), int | float)]
         combined[key] = statistics.median(values) if values else None
     phases = {p for s in summaries for p in s.get("steady_phases_s", {})}

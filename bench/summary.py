@@ -38,27 +38,61 @@ def _reward(system: dict[str, Any]) -> str:
     return f"{first:.3f} -> {last:.3f}" if first is not None and last is not None else "-"
 
 
-def rows_for(results: dict[str, Any]) -> list[list[str]]:
-    """One row per system, then the kuberlhf / TRL ratios, for one results file."""
+def _mfu(system: dict[str, Any]) -> str:
+    mfu = system.get("mfu") or {}
+    if "mfu_fp32" not in mfu:
+        return "-"
+    return f"{mfu['model_gflops_per_s']:.1f} ({100 * mfu['mfu_fp32']:.0f}% / {100 * mfu['mfu_bf16']:.0f}%)"
+
+
+def size_entries(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, entry) per model size: files written before sizes existed are one unnamed size."""
     run = results.get("created", "?")
-    steps = results.get("config", {}).get("steps", "?")
+    if "sizes" in results:
+        return [(f"{run} {size}", entry) for size, entry in results["sizes"].items()]
+    return [(run, results)]
+
+
+def rows_for(results: dict[str, Any]) -> list[list[str]]:
+    """One row per system, then the kuberlhf / TRL ratios, for each size of one results file."""
     rows = []
-    for name, system in results["systems"].items():
-        status = "ok" if system.get("exit_code") == 0 and system.get("steps_done") == steps else "FAILED"
-        rows.append(
-            [f"{run}", name, f"{system.get('steps_done', 0)}/{steps} {status}"]
-            + [_cell(system.get(key), fmt) for key, _, fmt in COLUMNS]
-            + [_reward(system), _phases(system)]
-        )
-    # Files from before the async run have one ratio, kuberlhf's.
-    ratios = results.get("ratios_over_trl") or {"kuberlhf": results.get("ratios_kuberlhf_over_trl", {})}
-    for name, ratio in ratios.items():
-        rows.append(
-            [f"{run}", f"{name}/TRL", ""]
-            + [_cell(ratio.get(key), "{:.2f}x") for key, _, _ in COLUMNS]
-            + ["", ""]
-        )
+    for label, entry in size_entries(results):
+        steps = entry.get("config", {}).get("steps", "?")
+        for name, system in entry["systems"].items():
+            status = "ok" if system.get("exit_code") == 0 and system.get("steps_done") == steps else "FAILED"
+            rows.append(
+                [label, name, f"{system.get('steps_done', 0)}/{steps} {status}"]
+                + [_cell(system.get(key), fmt) for key, _, fmt in COLUMNS]
+                + [_reward(system), _mfu(system), _phases(system)]
+            )
+        # Files from before the async run have one ratio, kuberlhf's.
+        ratios = entry.get("ratios_over_trl") or {"kuberlhf": entry.get("ratios_kuberlhf_over_trl", {})}
+        for name, ratio in ratios.items():
+            rows.append(
+                [label, f"{name}/TRL", ""]
+                + [_cell(ratio.get(key), "{:.2f}x") for key, _, _ in COLUMNS]
+                + ["", "", ""]
+            )
     return rows
+
+
+def headline_notes(results: dict[str, Any]) -> list[str]:
+    """Per size: samples/s over TRL's (sync, async), the rewards after the same steps, the peaks."""
+    notes = []
+    for label, entry in size_entries(results):
+        ratio = entry.get("ratio_vs_trl")
+        if not ratio:
+            continue
+        after = entry.get("reward_after_steps", {})
+        rewards = ", ".join(f"{k} {_cell(v, '{:.3f}')}" for k, v in after.items())
+        notes.append(f"{label}: ratio_vs_trl sync {_cell(ratio.get('sync'), '{:.2f}x')}, async "
+                     f"{_cell(ratio.get('async'), '{:.2f}x')}; reward after the same steps: {rewards}")
+    peaks = results.get("peak_gflops")
+    if peaks:
+        notes.append(f"{results.get('created', '?')}: matmul peaks on the pinned cores: fp32 "
+                     f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s (MFU column: model "
+                     "GFLOP/s (share of the fp32 / the bf16 peak))")
+    return notes
 
 
 def _layout(header: list[str], body: list[list[str]]) -> str:
@@ -78,9 +112,11 @@ def table(all_results: list[dict[str, Any]]) -> str:
         "steps",
         *(title for _, title, _ in COLUMNS),
         "reward",
+        "MFU",
         "steady s/step by phase",
     ]
-    return _layout(header, [row for results in all_results for row in rows_for(results)])
+    body = [row for results in all_results for row in rows_for(results)]
+    return "\n".join([_layout(header, body), *(n for r in all_results for n in headline_notes(r))])
 
 
 # -- bench/weight_sync.py ---------------------------------------------------------------------------

@@ -44,8 +44,13 @@ def load_checked_model(model_dir: Path, expected_sha256: str) -> Any:
     if found != expected_sha256:
         raise SystemExit(f"weights checksum mismatch: {model_dir} has {found}, expected {expected_sha256}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    on_disk = tensors_sha256(load_file(str(model_dir / common.WEIGHTS_FILE)))
-    loaded = tensors_sha256(dict(model.state_dict()))
+    file_tensors = load_file(str(model_dir / common.WEIGHTS_FILE))
+    state = model.state_dict()
+    if missing := sorted(file_tensors.keys() - state.keys()):
+        raise SystemExit(f"the model TRL built has no tensors named {missing}")
+    # A tied output projection is in the module's state but saved once, as the embedding.
+    on_disk = tensors_sha256(file_tensors)
+    loaded = tensors_sha256({name: state[name] for name in file_tensors})
     if loaded != on_disk:
         raise SystemExit("the model TRL loaded differs from the weights file (re-initialised tensors?)")
     return model
@@ -126,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="BenchConfig as JSON")
     parser.add_argument("--expect-sha256", required=True, help="checksum of the shared weights file")
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TRL's bf16=True on CPU)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     training = GRPOConfig(
         output_dir=str(args.out / "trainer"),
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         seed=cfg.seed,
         max_steps=cfg.steps,
         learning_rate=cfg.learning_rate,

@@ -1,14 +1,18 @@
-"""kuberlhf against TRL's GRPOTrainer: the same GRPO work, one after the other, on the same cores.
+"""kuberlhf against TRL's GRPOTrainer: the same GRPO work, one after the other, on the same cores,
+at two model sizes.
 
-    .venv-bench/bin/python bench/vs_trl.py [--steps 20] [--rounds 2] [--out bench/out/<timestamp>]
+    .venv-bench/bin/python bench/vs_trl.py [--sizes 11m,135m] [--rounds 2] [--out bench/out/<timestamp>]
 
-Builds one model / tokenizer / prompt file, then runs three systems as child processes pinned
-with `taskset` to the same cores and with the same torch thread count: `kuberlhf run` (in .venv)
-synchronous, bench/trl_side.py (in .venv-bench), and `kuberlhf run` again with
-`rollout.offPolicySteps: 1` (generation of step k+1 overlaps training of step k), in rounds
-whose order alternates (see `round_order`), and reports each system's medians over its rounds.
-Samples the RSS of each process tree every 0.2 s, and writes results.json, reward_vs_time.png
-and a summary table into the output folder.
+For each size (`SIZES`: the 11M Llama built here, and SmolLM2-135M-Instruct as
+`builtin:smollm2-135m` builds it) it writes one model / tokenizer / prompt file, then runs three
+systems as child processes pinned with `taskset` to the same cores and with the same torch thread
+count: `kuberlhf run` (in .venv) synchronous, bench/trl_side.py (in .venv-bench), and `kuberlhf
+run` again with `rollout.offPolicySteps: 1` (generation of step k+1 overlaps training of step k),
+in rounds whose order alternates (see `round_order`), and reports each system's medians over its
+rounds. Each system runs in its own best CPU configuration (`Size`). The matmul peaks in fp32 and
+bf16 are measured on the same cores before the first size and after the last (bench/peak.py; the
+higher of the two), for MFU. Samples the RSS of each process tree every 0.2 s, and writes
+results.json, one reward_vs_time-<size>.png per size and a summary table into the output folder.
 Run it with .venv-bench's Python: it needs psutil and matplotlib, which live there.
 """
 
@@ -21,8 +25,8 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +38,71 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import procs  # noqa: E402
 import stats  # noqa: E402
 import summary  # noqa: E402
 
-POLL_S = 0.2
 SPEC_TEMPLATE = BENCH / "specs" / "grpo-vs-trl.yaml"
 REWARD_FILE = BENCH / "rewards" / "digits.py"
 ASYNC = "kuberlhf-async"
+KUBERLHF_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
-def render_spec(
-    template: dict[str, Any],
-    cfg: common.BenchConfig,
-    model: Path,
-    prompts: Path,
-    weight_sync: str,
-    off_policy_steps: int = 0,
-) -> dict[str, Any]:
-    """The template with every shared path and workload number filled in from `cfg`."""
+@dataclass(frozen=True)
+class Size:
+    """One model size and how each system runs it best on this CPU. `engine` and `precision` are
+    kuberlhf's spec fields; `trl_bf16` is TRL's `bf16` (autocast on CPU, fp32 master weights)."""
+
+    steps: int
+    learning_rate: float
+    prompts_per_step: int = 8
+    engine: str = "hf"
+    precision: str = "auto"
+    trl_bf16: bool = False
+    builtin: str | None = None  # built by kuberlhf's own recipe, else common.build_model
+
+
+SIZES: dict[str, Size] = {
+    "11m": Size(steps=20, learning_rate=1e-3),
+    # A 135M step costs ~12x an 11M one: fewer steps of half the prompts keep a round near 4 minutes.
+    "135m": Size(steps=8, learning_rate=2e-5, prompts_per_step=4, engine="vllm", builtin="smollm2-135m"),
+}
+
+
+def parse_sizes(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SIZES]
+    if unknown or not names:
+        listed = ", ".join(unknown) or "(none)"
+        raise ValueError(f"--sizes: unknown size(s) {listed}; choose from {', '.join(SIZES)}")
+    return names
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every system of one size shares: the workload, the files, the cores."""
+
+    cfg: common.BenchConfig
+    size: Size
+    model: Path
+    prompts: Path
+    sha: str
+    cpus: str | None
+    timeout_s: float
+    weight_sync: str
+
+
+def render_spec(template: dict[str, Any], work: Workload, off_policy_steps: int = 0) -> dict[str, Any]:
+    """The template with every shared path, workload number and kuberlhf setting filled in."""
+    cfg = work.cfg
     doc = json.loads(json.dumps(template))
     spec = doc["spec"]
-    spec["model"]["actor"] = str(model)
+    spec["precision"] = work.size.precision
+    spec["model"]["actor"] = str(work.model)
     spec["reward"]["function"] = f"{REWARD_FILE}:reward"
-    spec["data"].update(prompts=str(prompts), maxNewTokens=cfg.max_new_tokens)
+    spec["data"].update(prompts=str(work.prompts), maxNewTokens=cfg.max_new_tokens)
     spec["rollout"].update(
+        engine=work.size.engine,
         samplesPerPrompt=cfg.samples_per_prompt,
         promptsPerStep=cfg.prompts_per_step,
         temperature=cfg.temperature,
@@ -68,164 +113,57 @@ def render_spec(
     spec["schedule"]["steps"] = cfg.steps
     spec["checkpoint"]["everySteps"] = cfg.steps
     spec["seed"] = cfg.seed
-    spec["weightSync"]["transport"] = weight_sync
+    spec["weightSync"]["transport"] = work.weight_sync
     return doc
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """RSS of a process and all its descendants (Ray's GCS, raylet and workers included)."""
-    total = 0
-    try:
-        members = [process, *process.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for member in members:
-        try:
-            total += member.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
-
-
-def stop_tree(process: psutil.Process, grace_s: float = 30) -> None:
-    """Stop a child that is still running (timeout, Ctrl-C) and every process it started: SIGTERM
-    first (kuberlhf then shuts its private Ray down), SIGKILL for whatever is left after grace_s."""
-    try:
-        members = [process, *process.children(recursive=True)]
-        process.terminate()
-    except psutil.NoSuchProcess:
-        return
-    _, alive = psutil.wait_procs(members, timeout=grace_s)
-    for member in alive:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            continue
-
-
-class LineWatcher:
-    """Notes the wall-clock time each new line of a file is first seen (to POLL_S)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.arrivals: list[float] = []
-
-    def __call__(self) -> None:
-        if not self.path.exists():
-            return
-        now = time.time()
-        with self.path.open() as fh:
-            complete = sum(1 for line in fh if line.endswith("\n"))
-        self.arrivals.extend([now] * (complete - len(self.arrivals)))
-
-
-def run_measured(
-    command: list[str], env: dict[str, str], log: Path, timeout_s: float, on_poll: Callable[[], None]
-) -> dict[str, Any]:
-    """Start `command`, sample its tree's RSS and call `on_poll` every POLL_S until it exits."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        started = time.time()
-        child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        process = psutil.Process(child.pid)
-        peak = 0
-        try:
-            while child.poll() is None:
-                peak = max(peak, tree_rss(process))
-                on_poll()
-                if time.time() - started > timeout_s:
-                    print(
-                        f"{command[0]}: still running after {timeout_s:.0f} s; stopping it", file=sys.stderr
-                    )
-                    break
-                time.sleep(POLL_S)
-        finally:
-            if child.poll() is None:
-                stop_tree(process)
-        rc = child.wait()
-        ended = time.time()
-    on_poll()
-    return {"rc": rc, "started": started, "wall_s": ended - started, "peak_rss_bytes": peak}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pinned(command: list[str], cpus: str | None) -> list[str]:
-    return ["taskset", "-c", cpus, *command] if cpus else command
-
-
-def run_kuberlhf(
-    cfg: common.BenchConfig,
-    side: Path,
-    model: Path,
-    prompts: Path,
-    cpus: str | None,
-    timeout_s: float,
-    weight_sync: str,
-    off_policy_steps: int = 0,
-) -> dict[str, Any]:
+def run_kuberlhf(work: Workload, side: Path, off_policy_steps: int = 0) -> dict[str, Any]:
     side.mkdir(parents=True, exist_ok=True)
     spec_path = side / "spec.yaml"
     template = yaml.safe_load(SPEC_TEMPLATE.read_text())
-    spec_path.write_text(
-        yaml.safe_dump(
-            render_spec(template, cfg, model, prompts, weight_sync, off_policy_steps), sort_keys=False
-        )
-    )
+    spec_path.write_text(yaml.safe_dump(render_spec(template, work, off_policy_steps), sort_keys=False))
     run_dir = side / "run"
     command = [str(ROOT / ".venv" / "bin" / "kuberlhf"), "run", str(spec_path), "--output", str(run_dir)]
-    watcher = LineWatcher(run_dir / "metrics.jsonl")
-    threads = cfg_threads(cpus)
-    record = run_measured(
-        pinned([*command, "--quiet", "--no-resume"], cpus),
+    watcher = procs.LineWatcher(run_dir / "metrics.jsonl")
+    threads = procs.threads_for(work.cpus)
+    record = procs.run_measured(
+        procs.pinned([*command, "--quiet", "--no-resume"], work.cpus),
         common.child_env(threads),
         side / "log.txt",
-        timeout_s,
+        work.timeout_s,
         watcher,
+        cwd=ROOT,
     )
     rows = stats.kuberlhf_steps(
-        read_jsonl(run_dir / "metrics.jsonl"), watcher.arrivals, record["started"], cfg.samples_per_step
+        procs.read_jsonl(run_dir / "metrics.jsonl"), watcher.arrivals, record["started"],
+        work.cfg.samples_per_step,
     )
     latest = run_dir / "checkpoints" / "latest"
     final = run_dir / "checkpoints" / latest.read_text().strip() / "model" if latest.exists() else None
     return {**record, "rows": rows, "log": str(side / "log.txt"), "final_model": final}
 
 
-def run_trl(
-    cfg: common.BenchConfig,
-    side: Path,
-    model: Path,
-    prompts: Path,
-    sha: str,
-    cpus: str | None,
-    timeout_s: float,
-) -> dict[str, Any]:
+def run_trl(work: Workload, side: Path) -> dict[str, Any]:
     side.mkdir(parents=True, exist_ok=True)
     config_path = side / "config.json"
-    config_path.write_text(json.dumps(cfg.as_dict()))
-    threads = cfg_threads(cpus)
+    config_path.write_text(json.dumps(work.cfg.as_dict()))
+    threads = procs.threads_for(work.cpus)
     command = [
         str(ROOT / ".venv-bench" / "bin" / "python"),
         str(BENCH / "trl_side.py"),
-        *("--model", str(model), "--prompts", str(prompts), "--reward", str(REWARD_FILE)),
-        *("--config", str(config_path), "--expect-sha256", sha, "--threads", str(threads)),
+        *("--model", str(work.model), "--prompts", str(work.prompts), "--reward", str(REWARD_FILE)),
+        *("--config", str(config_path), "--expect-sha256", work.sha, "--threads", str(threads)),
         *("--out", str(side)),
+        *(["--bf16"] if work.size.trl_bf16 else []),
     ]
-    record = run_measured(
-        pinned(command, cpus), common.child_env(threads), side / "log.txt", timeout_s, lambda: None
+    record = procs.run_measured(
+        procs.pinned(command, work.cpus), common.child_env(threads), side / "log.txt", work.timeout_s,
+        lambda: None, cwd=ROOT,
     )
-    rows = stats.trl_steps(read_jsonl(side / "trl_steps.jsonl"), record["started"])
+    rows = stats.trl_steps(procs.read_jsonl(side / "trl_steps.jsonl"), record["started"])
     final = side / "final"
-    return {
-        **record,
-        "rows": rows,
-        "log": str(side / "log.txt"),
-        "final_model": final if final.is_dir() else None,
-    }
+    final_model = final if final.is_dir() else None
+    return {**record, "rows": rows, "log": str(side / "log.txt"), "final_model": final_model}
 
 
 def round_order(names: list[str], rounds: int) -> list[tuple[int, str]]:
@@ -237,34 +175,43 @@ def round_order(names: list[str], rounds: int) -> list[tuple[int, str]]:
     return order
 
 
-def parse_cpus(text: str) -> list[int]:
-    """taskset's list syntax ("0-1", "0,2,4-5") as core numbers."""
-    cores: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cores.extend(range(int(low), int(high or low) + 1))
-    return cores
-
-
-def summarise_run(record: dict[str, Any], model: Path, cfg: common.BenchConfig) -> dict[str, Any]:
+def summarise_run(record: dict[str, Any], work: Workload) -> dict[str, Any]:
     final = record["final_model"]
     return {
         "exit_code": record["rc"],
         "log": record["log"],
-        "weights_relative_change": common.relative_change(model, final) if final else None,
+        "weights_relative_change": common.relative_change(work.model, final) if final else None,
         **stats.summarise(
             record["rows"],
             record["wall_s"],
             record["peak_rss_bytes"],
-            cfg.samples_per_step,
-            cfg.warmup_steps_excluded,
+            work.cfg.samples_per_step,
+            work.cfg.warmup_steps_excluded,
         ),
     }
 
 
-def cfg_threads(cpus: str | None) -> int:
-    """Torch threads per system: one per pinned core."""
-    return len(parse_cpus(cpus) if cpus else psutil.Process().cpu_affinity())
+def build_model(name: str, size: Size, cfg: common.BenchConfig, dest: Path) -> str:
+    """The size's model in `dest` (sha256 of its weights): a builtin through kuberlhf's own recipe,
+    run in .venv where that recipe's dependencies live; otherwise the seeded Llama built here."""
+    if size.builtin is None:
+        return common.build_model(dest, cfg)
+    recipe = f"from pathlib import Path\nfrom kuberlhf_workers.base.builtin import BUILTIN_MODELS\n" \
+             f"BUILTIN_MODELS[{size.builtin!r}].build(Path({str(dest)!r}))\n"
+    done = subprocess.run([str(KUBERLHF_PYTHON), "-c", recipe], env=common.child_env(), cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: building builtin:{size.builtin} failed:\n{done.stderr[-2000:]}")
+    return common.weights_sha256(dest)
+
+
+def measure_peaks(cpus: str | None) -> dict[str, float]:
+    """bench/peak.py's fp32 and bf16 GFLOP/s, pinned like the systems."""
+    threads = procs.threads_for(cpus)
+    command = procs.pinned([sys.executable, str(BENCH / "peak.py"), "--threads", str(threads)], cpus)
+    done = subprocess.run(command, env=common.child_env(threads), capture_output=True, text=True, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"fp32": float(found["fp32"]), "bf16": float(found["bf16"])}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -291,10 +238,78 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def headline(systems: dict[str, Any]) -> dict[str, Any]:
+    """The issue's numbers for one size: samples/s over TRL's, sync and async, and the rewards after
+    the same steps (mean of the last stats.TAIL_STEPS steps)."""
+    trl = systems["trl"].get("steady_samples_per_s")
+
+    def ratio(name: str) -> float | None:
+        ours = systems[name].get("steady_samples_per_s")
+        return ours / trl if isinstance(ours, int | float) and trl else None
+
+    return {
+        "ratio_vs_trl": {"sync": ratio("kuberlhf"), "async": ratio(ASYNC)},
+        "reward_after_steps": {name: s.get("reward_tail_mean") for name, s in systems.items()},
+    }
+
+
+def run_size(
+    name: str, args: argparse.Namespace, out: Path, peaks: Callable[[], dict[str, float]]
+) -> dict[str, Any]:
+    """Every system on one size, in alternating rounds; that size's entry of results.json."""
+    size = SIZES[name]
+    cfg = common.BenchConfig(
+        steps=args.steps or size.steps, learning_rate=args.learning_rate or size.learning_rate,
+        prompts_per_step=size.prompts_per_step,
+    )
+    shared = out / "shared" / name
+    model = shared / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    print(f"[{name}] building the shared model and prompts in {shared}", flush=True)
+    sha = build_model(name, size, cfg, model)
+    prompts = common.write_prompts(shared / "prompts.jsonl", cfg.seed, cfg.prompts)
+    work = Workload(cfg, size, model, prompts, sha, args.cpus or None, args.timeout, args.weight_sync)
+    runners: dict[str, Callable[[Path], dict[str, Any]]] = {
+        "kuberlhf": lambda side: run_kuberlhf(work, side),
+        "trl": lambda side: run_trl(work, side),
+        ASYNC: lambda side: run_kuberlhf(work, side, off_policy_steps=1),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in runners}
+    for index, system in round_order(list(runners), args.rounds):
+        print(f"[{name}] {system}: {cfg.steps} steps (round {index + 1}/{args.rounds}) ...", flush=True)
+        record = runners[system](out / name / system / f"round-{index + 1}")
+        rounds[system].append(summarise_run(record, work))
+        if common.weights_sha256(model) != sha:
+            raise SystemExit("the shared weights changed during a run; the comparison is void")
+    systems = {system: stats.combine_rounds(summaries) for system, summaries in rounds.items()}
+    matmul = common.matmul_parameters(model)
+    prompt_tokens = common.prompt_tokens_mean(model, prompts, cfg.steps * cfg.prompts_per_step)
+    measured = peaks()
+    for system in systems.values():
+        system["mfu"] = stats.mfu(system, matmul, prompt_tokens, cfg.samples_per_step, measured)
+    return {
+        "config": cfg.as_dict(),
+        "settings": {"kuberlhf_engine": size.engine, "kuberlhf_precision": size.precision,
+                     "trl_bf16": size.trl_bf16, "kuberlhf_weight_sync": args.weight_sync},
+        "model": {"path": str(model), "sha256": sha, "parameters": common.parameter_count(model),
+                  "matmul_parameters": matmul, "builtin": size.builtin},
+        "prompt_tokens_mean": prompt_tokens,
+        "systems": systems,
+        "ratios_over_trl": {
+            system: stats.ratios(ours, systems["trl"]) for system, ours in systems.items() if system != "trl"
+        },
+        **headline(systems),
+        "complete": all(
+            s["exit_code"] == 0 and s["steps_done"] == cfg.steps for r in rounds.values() for s in r
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per system (default 20)")
-    parser.add_argument("--learning-rate", type=float, default=common.BenchConfig.learning_rate)
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {', '.join(SIZES)} (default: all)")
+    parser.add_argument("--steps", type=int, help="training steps per system (default: each size's own)")
+    parser.add_argument("--learning-rate", type=float, help="default: each size's own")
     parser.add_argument("--out", type=Path, help="output folder (default bench/out/<UTC timestamp>)")
     parser.add_argument("--cpus", default="0-1", help="cores both runs are pinned to (taskset -c); '' = none")
     parser.add_argument(
@@ -311,14 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         help="runs per system, in alternating order (A B C, C B A, ...); medians are reported (default 2)",
     )
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     cpus = args.cpus or None
     if cpus and shutil.which("taskset") is None:
         parser.error("taskset (util-linux) is not installed: install it, or pass --cpus '' to run unpinned")
-    if cpus and not set(parse_cpus(cpus)) <= set(psutil.Process().cpu_affinity()):
+    if cpus and not set(procs.parse_cpus(cpus)) <= set(psutil.Process().cpu_affinity()):
         parser.error(f"--cpus {cpus}: this process may only use cores {psutil.Process().cpu_affinity()}")
     if importlib.util.find_spec("matplotlib") is None:
         parser.error(f"matplotlib is missing from {sys.executable}: run this with .venv-bench/bin/python")
@@ -328,53 +347,33 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     out: Path = (args.out or BENCH / "out" / stamp).resolve()
-    cfg = common.BenchConfig(steps=args.steps, learning_rate=args.learning_rate)
-    shared = out / "shared"
-    model = shared / "model"
-    model.mkdir(parents=True, exist_ok=True)
-    print(f"building the shared model and prompts in {shared}", flush=True)
-    sha = common.build_model(model, cfg)
-    prompts = common.write_prompts(shared / "prompts.jsonl", cfg.seed, cfg.prompts)
+    out.mkdir(parents=True, exist_ok=True)
+    print("measuring the fp32 and bf16 matmul peaks on the pinned cores", flush=True)
+    first_peaks = measure_peaks(cpus)
+    later: list[dict[str, float]] = []
 
-    runners: dict[str, Callable[[Path], dict[str, Any]]] = {
-        "kuberlhf": lambda side: run_kuberlhf(
-            cfg, side, model, prompts, cpus, args.timeout, args.weight_sync
-        ),
-        "trl": lambda side: run_trl(cfg, side, model, prompts, sha, cpus, args.timeout),
-        ASYNC: lambda side: run_kuberlhf(
-            cfg, side, model, prompts, cpus, args.timeout, args.weight_sync, off_policy_steps=1
-        ),
-    }
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
-    for index, name in round_order(list(runners), args.rounds):
-        print(f"{name}: {cfg.steps} steps (round {index + 1}/{args.rounds}) ...", flush=True)
-        record = runners[name](out / name / f"round-{index + 1}")
-        rounds[name].append(summarise_run(record, model, cfg))
-        if common.weights_sha256(model) != sha:
-            raise SystemExit("the shared weights changed during a run; the comparison is void")
+    def peaks() -> dict[str, float]:
+        """The best of the first measurement and one taken now (after each size's runs)."""
+        later.append(measure_peaks(cpus))
+        return {k: max(first_peaks[k], *(p[k] for p in later)) for k in first_peaks}
 
-    systems = {name: stats.combine_rounds(summaries) for name, summaries in rounds.items()}
-    results = {
+    results: dict[str, Any] = {
         "benchmark": "vs_trl",
         "created": stamp,
-        "config": cfg.as_dict(),
-        "kuberlhf_weight_sync": args.weight_sync,
         "rounds": args.rounds,
-        "machine": {"cpus_pinned": cpus, "logical_cpus": psutil.cpu_count(), "threads": cfg_threads(cpus)},
-        "model": {"path": str(model), "sha256": sha, "parameters": common.parameter_count(model)},
-        "systems": systems,
-        "ratios_over_trl": {
-            name: stats.ratios(system, systems["trl"]) for name, system in systems.items() if name != "trl"
+        "machine": {
+            "cpus_pinned": cpus, "logical_cpus": psutil.cpu_count(), "threads": procs.threads_for(cpus)
         },
+        "sizes": {},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "reward_vs_time.png")
+    for name in sizes:
+        results["sizes"][name] = entry = run_size(name, args, out, peaks)
+        results["peak_gflops"] = {k: max(first_peaks[k], *(p[k] for p in later)) for k in first_peaks}
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        plot(entry, out / f"reward_vs_time-{name}.png")
     print(summary.table([results]))
-    print(f"\nresults: {out / 'results.json'}\nplot:    {out / 'reward_vs_time.png'}")
-    failed = [
-        name for name, summaries in rounds.items()
-        if any(s["exit_code"] != 0 or s["steps_done"] != cfg.steps for s in summaries)
-    ]
+    print(f"\nresults: {out / 'results.json'}")
+    failed = [name for name, entry in results["sizes"].items() if not entry["complete"]]
     if failed:
         print(f"incomplete: {', '.join(failed)} (see the logs above)", file=sys.stderr)
         return 1

@@ -240,16 +240,103 @@ def test_vs_trl_table_has_a_ratio_row_for_each_kuberlhf_mode():
     assert any("kuberlhf-async/TRL" in line and "1.25x" in line for line in lines)
 
 
-def test_the_async_run_gets_the_same_spec_but_overlapping_steps():
+def _workload(size_name: str = "11m") -> object:
     from bench import common, vs_trl
 
+    return vs_trl.Workload(common.BenchConfig(), vs_trl.SIZES[size_name], Path("/m"), Path("/p.jsonl"),
+                           "0" * 64, None, 60.0, "auto")
+
+
+def test_the_async_run_gets_the_same_spec_but_overlapping_steps():
+    from bench import vs_trl
+
     template = yaml.safe_load(vs_trl.SPEC_TEMPLATE.read_text())
-    cfg = common.BenchConfig()
-    sync = vs_trl.render_spec(template, cfg, Path("/m"), Path("/p.jsonl"), "auto")
-    overlapped = vs_trl.render_spec(template, cfg, Path("/m"), Path("/p.jsonl"), "auto", off_policy_steps=1)
+    sync = vs_trl.render_spec(template, _workload())
+    overlapped = vs_trl.render_spec(template, _workload(), off_policy_steps=1)
     assert overlapped["spec"]["rollout"].pop("offPolicySteps") == 1
     assert sync["spec"]["rollout"].pop("offPolicySteps") == 0
     assert overlapped == sync
+
+
+def test_each_size_runs_kuberlhf_with_its_own_engine_and_precision():
+    from bench import vs_trl
+
+    template = yaml.safe_load(vs_trl.SPEC_TEMPLATE.read_text())
+    for name, size in vs_trl.SIZES.items():
+        spec = vs_trl.render_spec(template, _workload(name))["spec"]
+        assert (spec["rollout"]["engine"], spec["precision"]) == (size.engine, size.precision), name
+
+
+def test_unknown_sizes_are_refused_with_the_choices():
+    from bench import vs_trl
+
+    assert vs_trl.parse_sizes("135m, 11m") == ["135m", "11m"]
+    with pytest.raises(ValueError, match=r"unknown size\(s\) 7b; choose from 11m, 135m"):
+        vs_trl.parse_sizes("11m,7b")
+
+
+def test_model_flops_count_generation_and_training_over_the_whole_sequence():
+    assert stats.model_flops_per_sample(1000, prompt_tokens=10, response_tokens=30) == 8 * 1000 * 40
+    summary_ = {"steady_step_s": 2.0, "steady_response_tokens_mean": 30.0}
+    out = stats.mfu(summary_, 1000, prompt_tokens=10, samples_per_step=4, peaks_gflops={"fp32": 1e-3})
+    assert out is not None
+    assert out["model_gflops_per_s"] == pytest.approx(8 * 1000 * 40 * 4 / 2.0 / 1e9)
+    assert out["mfu_fp32"] == pytest.approx(out["model_gflops_per_s"] / 1e-3)
+    assert stats.mfu({"steady_step_s": 2.0}, 1000, 10, 4, {"fp32": 1.0}) is None
+
+
+def test_summary_keeps_the_mean_response_length_and_the_tail_reward():
+    rows = [{"step": i, "reward_mean": r, "t_end_s": float(i), "step_s": 1.0, "phases_s": {},
+             "response_length_mean": float(10 * i)} for i, r in enumerate([0.1, 0.2, 0.3, 0.5, 0.7], start=1)]
+    out = stats.summarise(rows, wall_s=6.0, peak_rss_bytes=0, samples_per_step=4, warmup=2)
+    assert out["steady_response_tokens_mean"] == pytest.approx(40.0)
+    assert out["reward_tail_mean"] == pytest.approx(0.5)
+
+
+def test_the_headline_is_samples_per_second_over_trl_for_sync_and_async():
+    from bench import vs_trl
+
+    systems = {"kuberlhf": {"steady_samples_per_s": 30.0, "reward_tail_mean": 0.4},
+               "trl": {"steady_samples_per_s": 20.0, "reward_tail_mean": 0.3},
+               "kuberlhf-async": {"steady_samples_per_s": 45.0}}
+    out = vs_trl.headline(systems)
+    assert out["ratio_vs_trl"] == {"sync": 1.5, "async": 2.25}
+    assert out["reward_after_steps"] == {"kuberlhf": 0.4, "trl": 0.3, "kuberlhf-async": None}
+    assert vs_trl.headline({**systems, "trl": {}})["ratio_vs_trl"] == {"sync": None, "async": None}
+
+
+def test_matmul_parameters_count_a_tied_output_projection_and_skip_the_lookup(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from bench import common
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(50, 8), "model.norm.weight": torch.zeros(8),
+               "model.layers.0.mlp.up_proj.weight": torch.zeros(16, 8)}
+    for tied, head, expected in ((True, False, 50 * 8 + 16 * 8), (False, True, 16 * 8 + 50 * 8),
+                                 (False, False, 16 * 8)):
+        folder = tmp_path / f"{tied}-{head}"
+        folder.mkdir()
+        save_file(tensors | ({"lm_head.weight": torch.zeros(50, 8)} if head else {}),
+                  str(folder / common.WEIGHTS_FILE))
+        (folder / "config.json").write_text(json.dumps({"tie_word_embeddings": tied}))
+        assert common.matmul_parameters(folder) == expected, (tied, head)
+
+
+def test_vs_trl_table_shows_every_size_with_its_headline_and_mfu():
+    system = {"exit_code": 0, "steps_done": 2, "steady_samples_per_s": 30.0,
+              "mfu": {"model_gflops_per_s": 12.0, "mfu_fp32": 0.1, "mfu_bf16": 0.04}}
+    entry = {"config": {"steps": 2}, "systems": {"kuberlhf": system, "trl": system},
+             "ratios_over_trl": {"kuberlhf": {"steady_samples_per_s": 1.0}},
+             "ratio_vs_trl": {"sync": 1.6, "async": None},
+             "reward_after_steps": {"kuberlhf": 0.5, "trl": 0.4}}
+    results = {"benchmark": "vs_trl", "created": "20261204-200000", "sizes": {"11m": entry, "135m": entry},
+               "peak_gflops": {"fp32": 120.0, "bf16": 300.0}}
+    text = summary.tables([results])
+    assert "20261204-200000 11m" in text and "20261204-200000 135m" in text
+    assert "12.0 (10% / 4%)" in text
+    assert ("135m: ratio_vs_trl sync 1.60x, async -; reward after the same steps: kuberlhf 0.500, "
+            "trl 0.400") in text
+    assert "fp32 120 GFLOP/s, bf16 300 GFLOP/s" in text
 
 
 def test_rounds_alternate_their_order_so_drift_shifts_every_system_alike():
