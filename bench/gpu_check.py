@@ -4,7 +4,8 @@ That machine's python3 has torch and transformers but no DeepSpeed or pydantic, 
 nothing: those travel as wheels (`make gpu-wheels`), installed into a temporary folder first. Each
 check runs in spawned processes under a deadline, so one that crashes or hangs (NCCL) is reported
 and the rest run; a global budget skips what no longer fits. JSON is rewritten after every check.
-`--cpu-smoke` runs the same code at toy sizes on CPU, with the CUDA-only checks skipped.
+`--cpu-smoke` runs the same code at toy sizes on CPU, with the CUDA-only checks skipped. The
+throughput checks, last in the plan, are in gpu_throughput.py; what both use in gpu_common.py.
 """
 
 from __future__ import annotations
@@ -16,31 +17,24 @@ import json
 import math
 import multiprocessing as mp
 import os
-import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kuberlhf.api import RLHFJobSpec
     from kuberlhf_workers.base.samples import GenerationResult
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 2**30
-NEEDS_CUDA = "needs CUDA"
-Result = dict[str, Any]
-Check = tuple[str, float, float, Callable[[float], Result]]  # name, least and most seconds, the check
+sys.path.insert(0, str(ROOT / "bench"))  # gpu_common, gpu_throughput (and bench/gpu.py's modules)
 STARTED = time.monotonic()
 
 
@@ -73,23 +67,25 @@ def _bootstrap() -> Result:
 
 WHEELS: Result = _bootstrap() if __name__ == "__main__" else {}
 
+import gpu_throughput  # noqa: E402
 import torch  # noqa: E402
+from gpu_common import (  # noqa: E402
+    GIB,
+    NEEDS_CUDA,
+    Result,
+    Sizes,
+    error_result,
+    free_port,
+    job_spec,
+    llama_config,
+    llama_state,
+    rollout_model,
+    spawn,
+    sync_cuda,
+    timed,
+)
 
-
-@dataclass(frozen=True)
-class Sizes:
-    llama: dict[str, Any]  # the model DeepSpeed trains, and the state the bucket check moves
-    prompts: int = 4
-    samples: int = 4
-    prompt_tokens: int = 128
-    new_tokens: int = 384
-    micro: int = 4
-    steps: int = 3
-    bucket_bytes: int = 64 * 2**20  # spec.weightSync.bucketMB's default
-    ipc_tensors: int = 8  # 8192 x 8192 bf16, 128 MiB each
-    hf_body: dict[str, Any] | None = None  # the rollout model's body (builtin:tiny's vocabulary)
-    hf_rows: tuple[int, int, int] = (32, 4, 128)  # prompts, samples per prompt, new tokens
-
+Check = tuple[str, float, float, Callable[[float], Result]]  # name, least and most seconds, the check
 
 GPU = Sizes(
     llama={"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
@@ -104,94 +100,8 @@ CPU = Sizes(
     ipc_tensors=0, hf_rows=(2, 2, 8), hf_body={"hidden_size": 64, "intermediate_size": 128,
                                                "num_hidden_layers": 3, "num_attention_heads": 4,
                                                "num_key_value_heads": 4, "head_dim": 16},
+    grpo_micro=2, grpo_steps=2, sync_repeats=2,
 )
-
-
-# -- plumbing -------------------------------------------------------------------------------------
-
-
-def _error(exc: BaseException) -> Result:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return {"ok": False, "error": f"{type(exc).__name__}: {first}",
-            "traceback": traceback.format_exc().strip().splitlines()[-6:]}
-
-
-def _child(fn: Callable[..., Result], args: tuple[Any, ...], index: int, results: Any) -> None:
-    try:
-        result = fn(*args)
-    except BaseException as exc:  # reported to the parent, which decides
-        result = _error(exc)
-    results.put((index, result))
-
-
-def spawn(jobs: list[tuple[Callable[..., Result], tuple[Any, ...]]], timeout: float) -> list[Result]:
-    """Each job in its own spawned process; one without a result by `timeout` is killed, reported."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, args, i, results)) for i, (fn, args) in enumerate(jobs)]
-    for p in procs:
-        p.start()
-    out: dict[int, Result] = {}
-    deadline = time.monotonic() + timeout
-    while len(out) < len(jobs) and time.monotonic() < deadline:
-        try:
-            index, result = results.get(timeout=0.5)
-            out[index] = result
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs) and results.empty():
-                break
-    for i, p in enumerate(procs):
-        p.join(timeout=5 if i in out else 0.1)  # a process that answered may still be exiting
-        if p.is_alive():
-            p.kill()
-            p.join()
-    def lost(p: Any) -> Result:
-        return {"ok": False, "error": f"no result: killed after {timeout:.0f} s" if p.exitcode == -9
-                else f"no result: the process exited with code {p.exitcode}"}
-
-    return [out.get(i) or lost(p) for i, p in enumerate(procs)]
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object], cuda: bool, repeats: int = 5) -> float:
-    """Median seconds of `repeats` calls after one untimed call, synchronized around each."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(cuda)
-        start = time.perf_counter()
-        fn()
-        _sync(cuda)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def llama_config(body: dict[str, Any]) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**body, num_key_value_heads=body["num_attention_heads"], tie_word_embeddings=False)
-
-
-def job_spec(stage: int, sizes: Sizes, cuda: bool) -> RLHFJobSpec:
-    from kuberlhf.api import API_VERSION, KIND, parse_job
-
-    spec = {"model": {"actor": "gpu-check-llama"}, "reward": {"function": "gpu_check.py:reward"},
-            "data": {"maxPromptTokens": sizes.prompt_tokens, "maxNewTokens": sizes.new_tokens},
-            "rollout": {"promptsPerStep": sizes.prompts, "samplesPerPrompt": sizes.samples},
-            "actor": {"zeroStage": stage, "microBatchSize": sizes.micro, "learningRate": 1e-5,
-                      "resources": {"gpus": int(cuda)}}}
-    job = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "gpu-check"}, "spec": spec}
-    return parse_job(job).spec
 
 
 # -- the checks' child processes ------------------------------------------------------------------
@@ -234,7 +144,7 @@ def _ipc_open(handles: Any) -> Result:
     torch.cuda.synchronize()
     opened = time.perf_counter() - start
     own = [torch.empty_like(t) for t in tensors]  # what a colocated engine's load_weights fills
-    copy_s = _timed(lambda: [o.copy_(t) for o, t in zip(own, tensors, strict=True)], True, repeats=3)
+    copy_s = timed(lambda: [o.copy_(t) for o, t in zip(own, tensors, strict=True)], True, repeats=3)
     equal = all(torch.equal(t.view(torch.int16), _ipc_tensor(i).view(torch.int16))
                 for i, t in enumerate(tensors))
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -285,15 +195,10 @@ class _Wire:
 
 
 def bucket_check(sizes: Sizes, cuda: bool) -> Result:
-    from transformers import LlamaForCausalLM
-
     from kuberlhf_workers.base.transports import CollectiveTransport, param_meta, plan_buckets
 
     device = torch.device("cuda" if cuda else "cpu")
-    with torch.device("meta"):
-        shapes = [(n, p.shape) for n, p in LlamaForCausalLM(llama_config(sizes.llama)).named_parameters()]
-    torch.manual_seed(0)
-    src = [(n, torch.randn(s, dtype=torch.bfloat16, device=device)) for n, s in shapes]
+    src = llama_state(sizes, device)
     named, dst = dict(src), {n: torch.empty_like(t) for n, t in src}
     nbytes = sum(t.numel() * t.element_size() for _, t in src)
     plan = plan_buckets([param_meta(n, t) for n, t in src], sizes.bucket_bytes)
@@ -315,10 +220,10 @@ def bucket_check(sizes: Sizes, cuda: bool) -> Result:
     sender, receiver = end(0, _Wire()), end(1, _Wire())
     flat_src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     flat_dst = torch.empty_like(flat_src)
-    median_s = {"raw": _timed(lambda: flat_dst.copy_(flat_src), cuda),
-                "per_tensor": _timed(lambda: [dst[n].copy_(t) for n, t in src], cuda),
-                "pack": _timed(lambda: sender.send(buckets()), cuda),
-                "unpack": _timed(lambda: receiver.receive(None, sink), cuda)}
+    median_s = {"raw": timed(lambda: flat_dst.copy_(flat_src), cuda),
+                "per_tensor": timed(lambda: [dst[n].copy_(t) for n, t in src], cuda),
+                "pack": timed(lambda: sender.send(buckets()), cuda),
+                "unpack": timed(lambda: receiver.receive(None, sink), cuda)}
     median_s["bucketed"] = median_s["pack"] + median_s["unpack"]
     payloads: list[torch.Tensor] = []
     end(0, _Wire(payloads, record=True)).send(buckets())
@@ -378,14 +283,14 @@ def deepspeed_check(stage: int, sizes: Sizes, cuda: bool) -> Result:
     exp, engine = make_experience(spec, batch, rewards, None, None), rank.model
     step_s, losses = [], []
     for _ in range(sizes.steps):
-        _sync(cuda)
+        sync_cuda(cuda)
         start = time.perf_counter()
         for first in range(0, rows, layout.micro):  # TrainerWorker.train's loop, over the whole batch
             loss, _ = objective.loss(engine, exp, slice(first, first + layout.micro), device)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
-        _sync(cuda)
+        sync_cuda(cuda)
         step_s.append(time.perf_counter() - start)
     finite = all(math.isfinite(v) for v in losses)
     out: Result = {"ok": finite, "zero_stage": stage, "parameters": parameters, "rows": rows,
@@ -404,30 +309,20 @@ def deepspeed_check(stage: int, sizes: Sizes, cuda: bool) -> Result:
 
 
 def hf_check(sizes: Sizes, cuda: bool, workdir: str) -> Result:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    from kuberlhf_workers.base.builtin import resolve_model
     from kuberlhf_workers.base.samples import GenerationRequest
     from kuberlhf_workers.rollout.hf import HFBackend
 
-    path = resolve_model("builtin:tiny", cache_dir=Path(workdir) / "models")
-    if sizes.hf_body is not None:  # a larger random Llama with builtin:tiny's tokenizer
-        config = AutoConfig.from_pretrained(path)
-        config.update(sizes.hf_body)
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(Path(workdir) / "hf-model")
-        AutoTokenizer.from_pretrained(path).save_pretrained(Path(workdir) / "hf-model")
-        path = Path(workdir) / "hf-model"
+    path = rollout_model(sizes, workdir)
     start = time.perf_counter()
     backend = HFBackend(path, torch.device("cuda" if cuda else "cpu"))
     load_s = time.perf_counter() - start
     prompts, samples, new_tokens = sizes.hf_rows
     request = GenerationRequest([f"What is {i} + {2 * i + 1}?" for i in range(prompts)], samples, new_tokens)
     backend.generate(request)  # warm-up
-    _sync(cuda)
+    sync_cuda(cuda)
     start = time.perf_counter()
     result = backend.generate(replace(request, seed=1))
-    _sync(cuda)
+    sync_cuda(cuda)
     seconds, tokens = time.perf_counter() - start, sum(len(r) for r in result.response_ids)
     finite = all(math.isfinite(v) for row in result.response_logprobs for v in row)
     return {"ok": finite and tokens > 0, "rows": len(result), "tokens": tokens, "generate_s": seconds,
@@ -498,6 +393,8 @@ def describe(name: str, r: Result) -> str:
     """The table's result column."""
     if r.get("skipped") or r.get("error"):
         return str(r.get("skipped") or r.get("error"))
+    if (line := gpu_throughput.describe(name, r)) is not None:
+        return line
     if name == "versions":
         return (f"{r.get('gpu', 'no GPU')}, {r.get('gpu_memory_GiB', 0):.0f} GiB; torch {r['torch']} "
                 f"(CUDA {r['cuda']}), transformers {r['transformers']}, deepspeed {r['deepspeed']}")
@@ -536,7 +433,7 @@ def run_checks(plan: list[Check], only: set[str] | None, budget: float, summary:
             result = check(min(most, left)) if left >= least else {
                 "ok": False, "skipped": f"time budget spent ({left:.0f} of {budget:.0f} s left)"}
         except Exception as exc:
-            result = _error(exc)
+            result = error_result(exc)
         result["wall_s"] = time.monotonic() - began
         summary["checks"][name], summary["seconds"] = result, time.monotonic() - STARTED
         out.write_text(json.dumps(summary, indent=2, default=str))
@@ -583,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         ("deepspeed_zero2", 60, 200, lambda t: deepspeed(2, t)),
         ("deepspeed_zero3", 60, 200, lambda t: deepspeed(3, t)),
         ("memory_estimate", 1, 30, lambda t: check_memory(sizes, cuda, ds)),
+        ("weight_sync", 30, 120, lambda t: gpu_throughput.check_weight_sync(sizes, cuda, t)),
+        ("grpo_step", 60, 150, lambda t: gpu_throughput.check_grpo(sizes, cuda, workdir, t)),
     ]
     only = set(args.only.split(",")) if args.only else None
     print(f"{'check':<16} {'status':<8} {'wall s':>7}  result", flush=True)
