@@ -8,7 +8,6 @@ One engine per module (each LLM() start costs 10-30 s on CPU).
 from __future__ import annotations
 
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from kuberlhf_workers.rollout.vllm_engine import (
     token_batches,
     unfuse,
 )
+from tests.workers.rollout.senders import send_in_thread
 
 PROMPTS = ["What is 12 + 5?", "Count: 3 4 5", "user: hello cat", "the big red dog"]
 
@@ -198,22 +198,9 @@ def sync_over(
     """Trainer rank 0 sends `named` over a collective transport while the engine receives and
     loads each bucket, exactly as the rollout actor's `receive_weights` does."""
     plan = plan_buckets([param_meta(n, t) for n, t in named], bucket_bytes=64 * 1024)
-    port, errors = free_port(), []
-
-    by_name = dict(named)
-
-    def trainer_rank0() -> None:
-        try:
-            if device.startswith("cuda:"):
-                torch.cuda.set_device(device)  # per thread: the engine keeps cuda:0
-            sender = CollectiveTransport("127.0.0.1", port, 0, 2, backend, plan, timeout_s)
-            sender.connect()
-            sender.send([[(m.name, by_name[m.name].to(device)) for m in bucket] for bucket in plan])
-        except Exception as exc:  # surfaced by the assert below
-            errors.append(exc)
-
-    thread = threading.Thread(target=trainer_rank0)
-    thread.start()
+    port = free_port()
+    sender = CollectiveTransport("127.0.0.1", port, 0, 2, backend, plan, timeout_s)
+    thread, errors = send_in_thread(sender, plan, dict(named), device)
     receiver = CollectiveTransport("127.0.0.1", port, 1, 2, backend, plan, timeout_s)
     receiver.connect()
     receiver.receive(None, engine)

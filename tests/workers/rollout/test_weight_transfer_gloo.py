@@ -8,7 +8,6 @@ if the production path fell back to the rollout actor receiving. One engine for 
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from kuberlhf_workers.base.transports import (
     param_meta,
     plan_buckets,
 )
+from tests.workers.rollout.senders import send_in_thread
 
 PROMPTS = ["What is 12 + 5?", "Count: 3 4 5", "user: hello cat", "the big red dog"]
 GREEDY = GenerationRequest(PROMPTS, samples_per_prompt=1, max_new_tokens=16, temperature=0.0)
@@ -102,19 +102,7 @@ def sync(
     (a new sync group each time, as after a replaced engine); returns the number of buckets."""
     plan = plan_buckets([param_meta(n, t) for n, t in named], bucket_bytes)
     sender, (receiver,) = transport_kind(spec).make(("127.0.0.1", free_port()), 1, plan, 60.0)
-    by_name, errors = dict(named), []
-
-    def trainer_rank0() -> None:
-        try:
-            if device.startswith("cuda:"):
-                torch.cuda.set_device(device)  # per thread: the engine keeps cuda:0
-            sender.connect()
-            sender.send([[(m.name, by_name[m.name].to(device)) for m in bucket] for bucket in plan])
-        except Exception as exc:  # surfaced by the assert below
-            errors.append(exc)
-
-    thread = threading.Thread(target=trainer_rank0)
-    thread.start()
+    thread, errors = send_in_thread(sender, plan, dict(named), device)
     receiver.connect(engine)
     receiver.receive(None, engine)
     thread.join(timeout=60)

@@ -122,12 +122,18 @@ def start_workers(
         lambda actor, i: RewardHandle(actor, f"reward worker {i}"),
     ).actors
 
-    worlds = [actors] + ([critics] if critics else [])
-    sharded_refs = references if spec.reference.zero_stage == 3 else []  # a world of their own
-    leaders: list[TrainerHandle | ReferenceHandle] = [g[0] for g in worlds] + sharded_refs[:1]
-    masters = wait_all([(h.label, h.master_address()) for h in leaders], timeout_s, "rendezvous", HINT)
-    joins = [(w.label, w.init_world(m)) for group, m in zip(worlds, masters, strict=False) for w in group]
-    joins += [(r.label, r.init_world(masters[-1], timeout_s)) for r in sharded_refs]
+    # One DeepSpeed world per trainer role, and one of its own for a ZeRO-3 (sharded) reference;
+    # each meets at its rank 0's address, fetched for all worlds at once and kept by world name.
+    sharded_refs = references if spec.reference.zero_stage == 3 else []
+    worlds: dict[str, list[TrainerHandle] | list[ReferenceHandle]] = {
+        "actor": actors, "critic": critics, "reference": sharded_refs,
+    }
+    leaders = {name: group[0] for name, group in worlds.items() if group}
+    asked = [(h.label, h.master_address()) for h in leaders.values()]
+    masters = dict(zip(leaders, wait_all(asked, timeout_s, "rendezvous", HINT), strict=True))
+    joins = [(w.label, w.init_world(masters["actor"])) for w in actors]
+    joins += [(w.label, w.init_world(masters["critic"])) for w in critics]
+    joins += [(r.label, r.init_world(masters["reference"], timeout_s)) for r in sharded_refs]
     others = [*rollout_group.actors, *rewards, *([] if sharded_refs else references)]
     wait_all(
         joins + [(a.label, a.ready()) for a in others],
