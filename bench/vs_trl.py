@@ -27,6 +27,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +51,30 @@ KUBERLHF_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 @dataclass(frozen=True)
 class Size:
-    """One model size and how each system runs it best on this CPU. `engine` and `precision` are
-    kuberlhf's spec fields; `trl_bf16` is TRL's `bf16` (autocast on CPU, fp32 master weights)."""
+    """One model size and how each system runs it on this CPU. `engine` and `precision` are
+    kuberlhf's spec fields; `trl` lists the TRL configurations run (TRL's `bf16` on CPU is torch
+    autocast over fp32 weights, as kuberlhf's bf16 is): its best is the one compared against."""
 
     steps: int
     learning_rate: float
     prompts_per_step: int = 8
     engine: str = "hf"
     precision: str = "auto"
-    trl_bf16: bool = False
+    trl: tuple[str, ...] = ("fp32", "bf16")
     builtin: str | None = None  # built by kuberlhf's own recipe, else common.build_model
 
 
 SIZES: dict[str, Size] = {
-    "11m": Size(steps=20, learning_rate=1e-3),
-    # A 135M step costs ~12x an 11M one: fewer steps of half the prompts keep a round near 4 minutes.
-    "135m": Size(steps=8, learning_rate=2e-5, prompts_per_step=4, engine="vllm", builtin="smollm2-135m"),
+    "11m": Size(steps=20, learning_rate=1e-3, precision="bf16"),
+    # A 135M step costs ~12x an 11M one: fewer steps of half the prompts keep a round near 4 minutes,
+    # and TRL runs only in bf16, the faster of its two at 11M.
+    "135m": Size(steps=8, learning_rate=2e-5, prompts_per_step=4, engine="vllm", precision="bf16",
+                 trl=("bf16",), builtin="smollm2-135m"),
 }
+
+
+def trl_name(precision: str) -> str:
+    return "trl" if precision == "fp32" else f"trl-{precision}"
 
 
 def parse_sizes(text: str) -> list[str]:
@@ -143,7 +151,7 @@ def run_kuberlhf(work: Workload, side: Path, off_policy_steps: int = 0) -> dict[
     return {**record, "rows": rows, "log": str(side / "log.txt"), "final_model": final}
 
 
-def run_trl(work: Workload, side: Path) -> dict[str, Any]:
+def run_trl(work: Workload, side: Path, precision: str) -> dict[str, Any]:
     side.mkdir(parents=True, exist_ok=True)
     config_path = side / "config.json"
     config_path.write_text(json.dumps(work.cfg.as_dict()))
@@ -154,7 +162,7 @@ def run_trl(work: Workload, side: Path) -> dict[str, Any]:
         *("--model", str(work.model), "--prompts", str(work.prompts), "--reward", str(REWARD_FILE)),
         *("--config", str(config_path), "--expect-sha256", work.sha, "--threads", str(threads)),
         *("--out", str(side)),
-        *(["--bf16"] if work.size.trl_bf16 else []),
+        *(["--bf16"] if precision == "bf16" else []),
     ]
     record = procs.run_measured(
         procs.pinned(command, work.cpus), common.child_env(threads), side / "log.txt", work.timeout_s,
@@ -238,16 +246,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def best_trl(systems: dict[str, Any]) -> str:
+    """The TRL configuration with the most samples/s (the one kuberlhf is compared against)."""
+    runs = {name: s.get("steady_samples_per_s") or 0.0 for name, s in systems.items()
+            if name.startswith("trl")}
+    return max(runs, key=lambda name: runs[name])
+
+
 def headline(systems: dict[str, Any]) -> dict[str, Any]:
-    """The issue's numbers for one size: samples/s over TRL's, sync and async, and the rewards after
-    the same steps (mean of the last stats.TAIL_STEPS steps)."""
-    trl = systems["trl"].get("steady_samples_per_s")
+    """The issue's numbers for one size: samples/s over TRL's best configuration's, sync and async,
+    and the rewards after the same steps (mean of the last stats.TAIL_STEPS steps)."""
+    reference = best_trl(systems)
+    trl = systems[reference].get("steady_samples_per_s")
 
     def ratio(name: str) -> float | None:
         ours = systems[name].get("steady_samples_per_s")
         return ours / trl if isinstance(ours, int | float) and trl else None
 
     return {
+        "trl_compared": reference,
         "ratio_vs_trl": {"sync": ratio("kuberlhf"), "async": ratio(ASYNC)},
         "reward_after_steps": {name: s.get("reward_tail_mean") for name, s in systems.items()},
     }
@@ -271,7 +288,7 @@ def run_size(
     work = Workload(cfg, size, model, prompts, sha, args.cpus or None, args.timeout, args.weight_sync)
     runners: dict[str, Callable[[Path], dict[str, Any]]] = {
         "kuberlhf": lambda side: run_kuberlhf(work, side),
-        "trl": lambda side: run_trl(work, side),
+        **{trl_name(p): partial(run_trl, work, precision=p) for p in size.trl},
         ASYNC: lambda side: run_kuberlhf(work, side, off_policy_steps=1),
     }
     rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in runners}
@@ -290,13 +307,14 @@ def run_size(
     return {
         "config": cfg.as_dict(),
         "settings": {"kuberlhf_engine": size.engine, "kuberlhf_precision": size.precision,
-                     "trl_bf16": size.trl_bf16, "kuberlhf_weight_sync": args.weight_sync},
+                     "trl": list(size.trl), "kuberlhf_weight_sync": args.weight_sync},
         "model": {"path": str(model), "sha256": sha, "parameters": common.parameter_count(model),
                   "matmul_parameters": matmul, "builtin": size.builtin},
         "prompt_tokens_mean": prompt_tokens,
         "systems": systems,
         "ratios_over_trl": {
-            system: stats.ratios(ours, systems["trl"]) for system, ours in systems.items() if system != "trl"
+            system: stats.ratios(ours, systems[best_trl(systems)])
+            for system, ours in systems.items() if not system.startswith("trl")
         },
         **headline(systems),
         "complete": all(

@@ -372,8 +372,7 @@ class TrainerSpec(_Model):
         "the step's longest prompt and response; bucket: rows sorted by length in groups of 8, each "
         "padded to its own longest; pack: sequences back to back with position ids restarting per "
         "sequence (flash-attention's varlen kernel on a GPU with flash_attn, else rows no longer than "
-        "the longest sequence under a block-diagonal mask); auto: pack (measured fastest on CPU), or "
-        "bucket when computing in 16 bits without flash-attention.",
+        "the longest sequence under a block-diagonal mask); auto: pack (measured fastest on CPU).",
     )
 
     @property

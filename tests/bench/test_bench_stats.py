@@ -300,9 +300,12 @@ def test_the_headline_is_samples_per_second_over_trl_for_sync_and_async():
                "trl": {"steady_samples_per_s": 20.0, "reward_tail_mean": 0.3},
                "kuberlhf-async": {"steady_samples_per_s": 45.0}}
     out = vs_trl.headline(systems)
-    assert out["ratio_vs_trl"] == {"sync": 1.5, "async": 2.25}
+    assert out["ratio_vs_trl"] == {"sync": 1.5, "async": 2.25} and out["trl_compared"] == "trl"
     assert out["reward_after_steps"] == {"kuberlhf": 0.4, "trl": 0.3, "kuberlhf-async": None}
     assert vs_trl.headline({**systems, "trl": {}})["ratio_vs_trl"] == {"sync": None, "async": None}
+    # Against TRL's faster configuration when several ran.
+    faster = vs_trl.headline({**systems, "trl-bf16": {"steady_samples_per_s": 25.0}})
+    assert faster["trl_compared"] == "trl-bf16" and faster["ratio_vs_trl"]["sync"] == pytest.approx(1.2)
 
 
 def test_matmul_parameters_count_a_tied_output_projection_and_skip_the_lookup(tmp_path: Path):

@@ -272,7 +272,7 @@ def test_an_episodes_observations_are_attended_in_every_layout_but_stay_out_of_t
 
 def test_auto_is_packed_rows_under_a_block_diagonal_mask_on_a_cpu() -> None:
     assert padding.resolve("auto", CPU, torch.float32) == "pack"
-    assert padding.resolve("auto", CPU, torch.bfloat16) == "bucket"  # packed bf16 LoRA stopped learning
+    assert padding.resolve("auto", CPU, torch.bfloat16) == "pack"
     assert padding.resolve("bucket", CPU, torch.float32) == "bucket"
     assert padding.resolve("pack", CPU, torch.bfloat16) == "pack"
     assert padding.resolve("pad", CPU, torch.float32) == "pad"

@@ -1,11 +1,13 @@
 """spec.precision as a torch dtype on this node: where "auto" becomes bf16 or fp32.
 
 Each worker resolves it on the hardware it runs on (a cluster may mix node types). "auto" is bf16
-on a GPU with bf16 and fp32 on every CPU: measured here (AVX-512 BF16, 2 cores) the small models
-a CPU run trains were 25-35% slower per step in bf16 (bench/README.md), since at their sizes the
-casts and the bf16 optimizer path cost more than the faster matmuls save. bf16 stays selectable.
-The trainers' master weights and optimizer state stay fp32 whatever this says (DeepSpeed's bf16
-mode); only the compute dtype of forward and backward passes follows it.
+on a GPU with bf16 and fp32 on every CPU. bf16 is selectable on CPU and there the fast choice for
+models of ~10M parameters and up (bench/README.md, "bf16 on CPU"): a trainer computes under bf16
+autocast over its fp32 module and optimizer (training/rank.py; DeepSpeed's own bf16 mode, the GPU
+path, trained 2.6x slower than fp32 on CPU), the engines hold bf16 weights. auto stays fp32 on CPU
+because below that size (the tiny models local tests and first runs use) bf16 is slower, and the
+choice is made per node without the model's size. The trainers' master weights and optimizer
+state stay fp32 whatever this says; only the compute dtype of forward and backward passes follows it.
 """
 
 from __future__ import annotations

@@ -75,13 +75,13 @@ def resolve(padding: Padding, device: torch.device, dtype: torch.dtype) -> Layou
     """The layout spec.<role>.padding asks for on this node. auto: varlen where flash-attention can
     run it (a CUDA device, the flash_attn package, a 16-bit compute dtype), else packed rows, the
     fastest on CPU at both sizes bench/packing.py measures (ahead of bucketed rows and of one
-    varlen-style row under SDPA's dense block-diagonal mask) in fp32. In 16 bits without
-    flash-attention auto takes bucketed rows, whose rows compute as padded ones do: with packed rows
-    the bf16 LoRA learning run stopped learning (pad learns; cause not yet found)."""
+    varlen-style row under SDPA's dense block-diagonal mask). Packed rows in bf16 give the padded
+    layout's log-probs and gradients up to bf16's own rounding (tests/workers/training/test_padding.py);
+    a bf16 LoRA run once went flat with them, which repeated runs with each layout did not show."""
     sixteen_bits = dtype in (torch.bfloat16, torch.float16)
     flash = device.type == "cuda" and sixteen_bits and find_spec("flash_attn") is not None
     if padding == "auto":
-        return "varlen" if flash else "bucket" if sixteen_bits else "pack"
+        return "varlen" if flash else "pack"
     if padding == "pack":
         return "varlen" if flash else "pack"
     return padding
