@@ -57,8 +57,9 @@ class EngineChoice:
         return f"rollout.engine: {requested} -> {self.engine} ({self.reason})"
 
 
-def choose_engine(spec: RLHFJobSpec, facts: EngineFacts) -> EngineChoice:
-    """The engine `spec` runs with; an explicit hf or vllm is kept as written."""
+def choose_engine(spec: RLHFJobSpec, facts: EngineFacts, steps: int | None = None) -> EngineChoice:
+    """The engine `spec` runs with; an explicit hf or vllm is kept as written. `steps`: how many
+    this run trains when not the schedule's (`kuberlhf run --max-steps`)."""
     rollout = spec.rollout
     if rollout.engine != "auto":
         return EngineChoice(rollout.engine, AS_SET)
@@ -81,18 +82,18 @@ def choose_engine(spec: RLHFJobSpec, facts: EngineFacts) -> EngineChoice:
         return EngineChoice("hf", "CPU rollout, the model's config is not readable here")
     if facts.head_size not in CPU_HEAD_SIZES:
         return EngineChoice("hf", f"CPU rollout, head size {facts.head_size} has no vLLM CPU kernel")
-    tokens = generated_tokens(spec)
+    tokens = generated_tokens(spec, steps)
     work = facts.parameters * tokens
     size = (f"{facts.parameters / 1e6:.3g}M parameters x {tokens:,} tokens = {work:.1e} parameter-tokens "
             f"{'>=' if work >= CPU_VLLM_MIN_WORK else '<'} {CPU_VLLM_MIN_WORK:.0e}")
     return EngineChoice("vllm" if work >= CPU_VLLM_MIN_WORK else "hf", f"CPU rollout, {size}")
 
 
-def generated_tokens(spec: RLHFJobSpec) -> int:
+def generated_tokens(spec: RLHFJobSpec, steps: int | None = None) -> int:
     """The most tokens the run's rollouts generate: steps x prompts x samples x maxNewTokens."""
     rollout = spec.rollout
     per_step = rollout.prompts_per_step * rollout.samples_per_prompt * spec.data.max_new_tokens
-    return steps_to_train(spec) * per_step
+    return (steps or steps_to_train(spec)) * per_step
 
 
 def engine_facts(spec: RLHFJobSpec) -> EngineFacts:
@@ -113,11 +114,11 @@ def engine_facts(spec: RLHFJobSpec) -> EngineFacts:
     )
 
 
-def resolve(spec: RLHFJobSpec) -> tuple[RLHFJobSpec, EngineChoice]:
+def resolve(spec: RLHFJobSpec, steps: int | None = None) -> tuple[RLHFJobSpec, EngineChoice]:
     """`spec` with rollout.engine concrete, and the choice (for the run's log)."""
     if spec.rollout.engine != "auto":
         return spec, EngineChoice(spec.rollout.engine, AS_SET)
-    choice = choose_engine(spec, engine_facts(spec))
+    choice = choose_engine(spec, engine_facts(spec), steps)
     rollout = spec.rollout.model_copy(update={"engine": choice.engine})
     return spec.model_copy(update={"rollout": rollout}), choice
 

@@ -71,6 +71,7 @@ def test_on_cpu_a_short_run_stays_on_hf_where_a_long_one_of_the_same_model_takes
     assert generated_tokens(short) == DEFAULT_TOKENS // 10
     assert choose_engine(short, facts(parameters=BIG)).engine == "hf"
     assert choose_engine(spec_of(schedule={"steps": 1000}), facts(parameters=SMALL)).engine == "vllm"
+    assert choose_engine(spec_of(), facts(parameters=BIG), steps=10).engine == "hf"  # --max-steps 10
     # The measured cases (bench/generation.py: 8 prompts x 4 samples x 32 tokens a step)
     bench = {"rollout": {"promptsPerStep": 8, "samplesPerPrompt": 4}, "data": {"maxNewTokens": 32}}
     for parameters, steps, engine in ((11e6, 20, "hf"), (11e6, 100, "vllm"), (134.5e6, 3, "hf"),

@@ -151,7 +151,7 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
             raise ValueError("; ".join(problems))
         job = job.model_copy(update={"spec": jobrefs.resolve(job.spec, out.parent)})
         if api.ALGORITHMS[job.spec.algorithm].online:  # rollout.engine: auto made concrete, once
-            spec, choice = engine_choice.resolve(job.spec)
+            spec, choice = engine_choice.resolve(job.spec, args.max_steps)
             print(choice.describe(job.spec.rollout.engine), flush=True)
             job = job.model_copy(update={"spec": spec})
     except ValueError as exc:
