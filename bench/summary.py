@@ -1,5 +1,6 @@
 """Tables from results.json files written by bench/vs_trl.py, bench/weight_sync.py,
-bench/operator_scale.py and bench/gpu.py (one table per benchmark, each file placed by its "benchmark" field).
+bench/operator_scale.py, bench/gpu.py, bench/packing.py and bench/generation.py (one table per
+benchmark, each file placed by its "benchmark" field).
 
     python bench/summary.py bench/out/*/results.json     (no arguments: the newest run of each)
 
@@ -248,8 +249,33 @@ def packing_table(all_results: list[dict[str, Any]]) -> str:
     return _layout(header, body)
 
 
+# -- bench/generation.py ---------------------------------------------------------------------------
+
+
+def generation_table(all_results: list[dict[str, Any]]) -> str:
+    """One row per run, size and engine: startup, steady and best tokens/s, vllm against hf."""
+    header = ["run", "size", "params", "engine", "startup s", "s/batch", "cpu s/batch", "tok/s", "best tok/s",
+              "vllm/hf best", "vllm/hf cpu", "break-even batches"]
+    body = []
+    for r in all_results:
+        for size, res in r.get("sizes", {}).items():
+            for name, row in res.get("engines", {}).items():
+                vllm = name == "vllm"
+                body.append([r.get("created", "?"), size, _cell(res.get("parameters"), "{:,}"),
+                             name if row.get("ok") else f"{name} FAILED",
+                             _cell(row.get("startup_s"), "{:.1f}"),
+                             _cell(row.get("steady_batch_s"), "{:.2f}"),
+                             _cell(row.get("steady_cpu_s"), "{:.2f}"),
+                             _cell(row.get("steady_tokens_per_s"), "{:.0f}"),
+                             _cell(row.get("best_tokens_per_s"), "{:.0f}"),
+                             _cell(res.get("vllm_over_hf_best_tokens_per_s") if vllm else None, "{:.2f}x"),
+                             _cell(res.get("vllm_over_hf_cpu") if vllm else None, "{:.2f}x"),
+                             _cell(res.get("break_even_batches") if vllm else None, "{:.1f}")])
+    return _layout(header, body)
+
+
 TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table, "gpu": gpu_table,
-          "packing": packing_table}
+          "packing": packing_table, "generation": generation_table}
 
 
 def kind(results: dict[str, Any]) -> str:

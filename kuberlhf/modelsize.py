@@ -104,19 +104,39 @@ def _cached_config(ref: str) -> Path | None:
     return found[-1] if found else None
 
 
-def model_shape(ref: str, hint: str | None = None, *, read_files: bool = True) -> ModelShape:
-    """The best shape knowable for `ref` here. `read_files=False` (the operator, which has no model
-    files) uses only the name and the hint."""
+def model_config(ref: str, *, read_files: bool = True) -> tuple[dict[str, Any], Source] | None:
+    """`ref`'s config as a dict without loading weights: a builtin's recipe, else (with
+    `read_files`) a local folder's or the Hugging Face cache's config.json; None when neither."""
     if ref.startswith("builtin:") and ref.removeprefix("builtin:") in BUILTIN_SHAPES:
-        return shape_of_config(BUILTIN_SHAPES[ref.removeprefix("builtin:")], "builtin")
+        return BUILTIN_SHAPES[ref.removeprefix("builtin:")], "builtin"
     if read_files:
         local = Path(ref).expanduser() / "config.json"
         config_file = local if local.is_file() else (_cached_config(ref) if "/" in ref else None)
         if config_file is not None:
             try:
-                return shape_of_config(json.loads(config_file.read_text()), "config")
-            except (OSError, ValueError, KeyError):
-                pass  # not a decoder config we can read: fall back to the name
+                config = json.loads(config_file.read_text())
+            except (OSError, ValueError):
+                return None
+            return (config, "config") if isinstance(config, dict) else None
+    return None
+
+
+def head_size(config: dict[str, Any]) -> int | None:
+    """Attention head size of a decoder config (what vLLM's CPU kernels are built for)."""
+    heads = config.get("num_attention_heads") or 1
+    size = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    return int(size) or None
+
+
+def model_shape(ref: str, hint: str | None = None, *, read_files: bool = True) -> ModelShape:
+    """The best shape knowable for `ref` here. `read_files=False` (the operator, which has no model
+    files) uses only the name and the hint."""
+    found = model_config(ref, read_files=read_files)
+    if found is not None:
+        try:
+            return shape_of_config(*found)
+        except KeyError:
+            pass  # not a decoder config we can read: fall back to the name
     named = parse_size(Path(ref).name or ref)
     if named is not None:
         return ModelShape(named, "name")

@@ -406,6 +406,30 @@ def test_dynamic_sampling_without_a_group_estimator_or_with_async_rollouts_is_re
     single = _set(_set(sample(), "spec.rollout.dynamicSampling", on), "spec.rollout.samplesPerPrompt", 1)
     assert [p.split(":")[0] for p in problems_of(single)] == ["spec.rollout.samplesPerPrompt"]
 
+def test_rollout_engine_defaults_to_auto_which_allows_what_either_engine_allows() -> None:
+    obj = sample()
+    del obj["spec"]["rollout"]["engine"]
+    assert api.parse_job(obj).spec.rollout.engine == "auto"
+    tp = {"spec.rollout.tensorParallelSize": 2, "spec.rollout.resources": {"gpus": 2}}
+    for engine, ok in (("auto", True), ("vllm", True), ("hf", False)):
+        obj = _set(sample(), "spec.rollout.engine", engine)
+        for path, value in tp.items():
+            _set(obj, path, value)
+        if ok:
+            assert api.parse_job(obj).spec.rollout.tensor_parallel_size == 2
+        else:
+            assert [p.split(":")[0] for p in problems_of(obj)] == ["spec.rollout.tensorParallelSize"]
+
+
+def test_lora_splitting_a_fused_group_passes_with_auto_unless_tensor_parallelism_forces_vllm() -> None:
+    obj = _set(sample(), "spec.rollout.engine", "auto")
+    _set(obj, "spec.actor.lora", {"targetModules": ["q_proj"]})
+    assert api.parse_job(obj).spec.actor.lora is not None  # auto then runs hf
+    _set(obj, "spec.rollout.tensorParallelSize", 2)
+    _set(obj, "spec.rollout.resources", {"gpus": 2})
+    assert [p.split(":")[0] for p in problems_of(obj)] == ["spec.actor.lora.targetModules"]
+
+
 def test_lora_with_vllm_accepts_whole_fused_groups() -> None:
     obj = _set(sample(), "spec.rollout.engine", "vllm")
     _set(obj, "spec.actor.lora", {"targetModules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]})

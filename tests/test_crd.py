@@ -104,7 +104,7 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
             ),
             "rollout": st.fixed_dictionaries(
                 {
-                    "engine": st.sampled_from(["hf", "vllm"]),
+                    "engine": st.sampled_from(["auto", "hf", "vllm"]),
                     "samplesPerPrompt": st.integers(1, 4),
                     "replicas": st.integers(1, 4),
                     "tensorParallelSize": st.integers(1, 4),
@@ -116,7 +116,9 @@ def _spec_dicts() -> st.SearchStrategy[dict[str, Any]]:
             "actor": st.fixed_dictionaries(
                 {"replicas": st.integers(1, 4), "microBatchSize": st.integers(1, 4),
                  "resources": st.fixed_dictionaries({"gpus": gpus})},
-                optional={"globalBatchSize": st.integers(1, 64)},
+                optional={"globalBatchSize": st.integers(1, 64),
+                          "lora": st.fixed_dictionaries({"targetModules": st.sampled_from(
+                              [["q_proj"], ["q_proj", "k_proj", "v_proj"], ["all-linear"]])})},
             ),
             "kl": st.fixed_dictionaries({"coef": st.sampled_from([0.0, 0.01])}),
             "placement": st.sampled_from(["separate", "colocate"]),

@@ -41,7 +41,9 @@ def test_every_algorithm_has_traits_and_an_estimator() -> None:
 
 
 def test_the_spec_fields_name_exactly_the_implemented_backends_transports_and_sources() -> None:
-    assert set(BACKENDS) == set(get_args(api.RolloutEngine)) == _field_literal(api.RolloutSpec, "engine")
+    assert set(BACKENDS) == set(get_args(api.EngineName))
+    engines = _field_literal(api.RolloutSpec, "engine")
+    assert engines == set(get_args(api.RolloutEngine)) == {"auto", *BACKENDS}
     assert set(TRANSPORTS) == set(get_args(api.WeightTransportName))
     assert _field_literal(api.WeightSyncSpec, "transport") == {"auto", *TRANSPORTS}
     assert set(REWARD_SOURCES) == set(get_args(api.RewardSource))

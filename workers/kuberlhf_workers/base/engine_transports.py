@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from kuberlhf.api import RLHFJobSpec, WeightTransportName
+from kuberlhf.engine_choice import resolved_engine
 from kuberlhf.placement import weight_sync_transport
 from kuberlhf_workers.base.transports import (
     TRANSPORTS,
@@ -198,7 +199,7 @@ ENGINE_MAKERS = {GLOO_BACKEND: _engine_gloo, "nccl": _engine_nccl}
 def engine_backend(spec: RLHFJobSpec) -> str | None:
     """The vLLM weight-transfer backend the engines receive through, or None where the rollout actor
     receives (the hf engine; the object-store transport)."""
-    if spec.rollout.engine != "vllm":
+    if resolved_engine(spec) != "vllm":
         return None
     return ENGINE_BACKENDS.get(weight_sync_transport(spec))
 

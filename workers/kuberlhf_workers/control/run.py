@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from kuberlhf import api, jobrefs, shutdown
+from kuberlhf import api, engine_choice, jobrefs, shutdown
 from kuberlhf.specfile import load_job
 from kuberlhf_workers.control.report import SPEC
 
@@ -150,12 +150,17 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
         if problems:
             raise ValueError("; ".join(problems))
         job = job.model_copy(update={"spec": jobrefs.resolve(job.spec, out.parent)})
+        if api.ALGORITHMS[job.spec.algorithm].online:  # rollout.engine: auto made concrete, once
+            spec, choice = engine_choice.resolve(job.spec, args.max_steps)
+            print(choice.describe(job.spec.rollout.engine), flush=True)
+            job = job.model_copy(update={"spec": spec})
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
-    # The spec as run (defaults filled in, job: models resolved): for the report and for whoever
-    # wonders later what this folder was trained with. It holds Secret references, never values.
+    # The spec as run (defaults filled in, job: models and rollout.engine resolved): for the report
+    # and for whoever wonders later what this folder was trained with. It holds Secret references,
+    # never values.
     document = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": job.metadata.name},
                 "spec": api.spec_to_dict(job.spec)}
     (out / SPEC).write_text(yaml.safe_dump(document, sort_keys=False))

@@ -3,7 +3,7 @@
 The rollout actor only ever talks to a `GenerationBackend`, so swapping transformers' generate
 for vLLM changes no training code, and weight sync needs one entry point: `load_weights`. A new
 backend is a module with a class and a line in `BACKENDS` (plus its name in the API's
-`RolloutEngine`).
+`RolloutEngine`, and a rule in `kuberlhf.engine_choice` for when `auto` picks it).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-from kuberlhf.api import RLHFJobSpec, RolloutEngine
+from kuberlhf.api import EngineName, RLHFJobSpec
+from kuberlhf.engine_choice import resolved_engine
 from kuberlhf_workers.base.engine_transports import engine_backend
 from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
@@ -89,9 +90,9 @@ def sleeps_between_rollouts(spec: RLHFJobSpec) -> bool:
 
 
 # Imported lazily: vLLM is heavy and absent from images that do not use it.
-BACKENDS: dict[RolloutEngine, BackendFactory] = {"hf": _hf, "vllm": _vllm}
+BACKENDS: dict[EngineName, BackendFactory] = {"hf": _hf, "vllm": _vllm}
 
 
 def make_backend(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
-    """The rollout engine named by spec.rollout.engine."""
-    return BACKENDS[spec.rollout.engine](spec, model_path, device)
+    """The rollout engine named by spec.rollout.engine (`auto` resolved, see kuberlhf.engine_choice)."""
+    return BACKENDS[resolved_engine(spec)](spec, model_path, device)

