@@ -93,7 +93,7 @@ class DeepSpeedRank:
         if self.autocast:
             # Bound to this instance, so DeepSpeed's engine (which calls the module) and every
             # objective's forward run under it, and autograd replays the backward in the same dtypes.
-            model.forward = torch.autocast("cpu", dtype=self.dtype)(model.forward)  # type: ignore[method-assign]
+            model.forward = torch.autocast("cpu", dtype=self.dtype)(model.forward)
         self.memory_mib["after_build"] = resident_mib()
         if self.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable()  # type: ignore[operator]
