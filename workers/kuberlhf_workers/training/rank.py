@@ -104,6 +104,10 @@ class DeepSpeedRank:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )
         del sharded
+        if self.trainer.zero_stage == 0 and self.layout.world == 1:
+            # Nothing to average over one rank, but DeepSpeed's stage-0 all-reduce would still copy
+            # every gradient into flat buckets and back: 0.35 s of a 2.3 s train step at 135M.
+            self._model.enable_backward_allreduce = False
         self.memory_mib["after_initialize"] = resident_mib()
 
     def gathered(self, params: list[torch.nn.Parameter]) -> Any:
