@@ -655,8 +655,9 @@ class RLHFJobSpec(_Model):
         "auto", description="Numerics of every model of the job, one setting so the rollout engines "
         "sample with the trainer's rounding: bf16 computes in bfloat16 (the trainers keep fp32 master "
         "weights and optimizer state; checkpoints and the exported model are fp32); fp32 computes in "
-        "float32; auto is bf16 on a GPU with bf16 and fp32 on CPUs (there bf16 was slower for the small "
-        "models a CPU trains), decided by each worker on its own node.",
+        "float32; auto is bf16 on a GPU with bf16 (decided by each worker on its own node); a run on CPUs "
+        "only decides once: bf16 on a CPU with bf16 instructions for an actor of hidden size >= 256, "
+        "else fp32 (bf16 is slower for toy models there).",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, sampling and initialisation.")
     image: str = Field("kuberlhf/worker:0.1.0", description="Worker image the Ray pods run.")

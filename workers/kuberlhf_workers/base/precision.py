@@ -1,13 +1,13 @@
 """spec.precision as a torch dtype on this node: where "auto" becomes bf16 or fp32.
 
 Each worker resolves it on the hardware it runs on (a cluster may mix node types). "auto" is bf16
-on a GPU with bf16 and fp32 on every CPU. bf16 is selectable on CPU and there the fast choice for
-models of ~10M parameters and up (bench/README.md, "bf16 on CPU"): a trainer computes under bf16
-autocast over its fp32 module and optimizer (training/rank.py; DeepSpeed's own bf16 mode, the GPU
-path, trained 2.6x slower than fp32 on CPU), the engines hold bf16 weights. auto stays fp32 on CPU
-because below that size (the tiny models local tests and first runs use) bf16 is slower, and the
-choice is made per node without the model's size. The trainers' master weights and optimizer
-state stay fp32 whatever this says; only the compute dtype of forward and backward passes follows it.
+on a GPU with bf16 and fp32 on a CPU: a node alone does not know the model's size, and on CPU bf16
+pays only for real models (bench/README.md, "bf16 on CPU"), so a run on CPUs only has already
+turned auto into bf16 or fp32 for every worker before they start (kuberlhf.precision_choice). On a
+CPU a bf16 trainer computes under autocast over its fp32 module and optimizer (training/rank.py;
+DeepSpeed's own bf16 mode, the GPU path, is slower than fp32 on CPU); the engines hold bf16
+weights. The trainers' master weights and optimizer state stay fp32 whatever this says; only the
+compute dtype of forward and backward passes follows it.
 """
 
 from __future__ import annotations
