@@ -25,6 +25,12 @@ def test_the_fingerprint_follows_what_is_trained_not_how_long_or_where() -> None
     assert ckpt.training_fingerprint(job(schedule={"steps": 999}).spec) == base
     assert ckpt.training_fingerprint(job(actor={"replicas": 2, "resources": {"cpu": "4"}}).spec) == base
     assert ckpt.training_fingerprint(job(checkpoint={"everySteps": 3}).spec) == base
+    # On CPUs `auto` is what it becomes here (fp32: this model's config is not readable), so a
+    # checkpoint of `kuberlhf run` (which writes the resolved value) resumes a job saying auto.
+    assert ckpt.training_fingerprint(job(precision="fp32").spec) == base
+    assert ckpt.training_fingerprint(job(precision="auto", actor={"resources": {"gpus": 1}}).spec) != (
+        ckpt.training_fingerprint(job(precision="fp32", actor={"resources": {"gpus": 1}}).spec)
+    ), "with GPUs auto is decided per node, so it stays a value of its own"
     for changed in (
         {"actor": {"learningRate": 1e-4}},
         {"seed": 7},

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from kuberlhf.api import Precision
+from kuberlhf import precision_choice
+from kuberlhf.api import Precision, RLHFJobSpec
 
 # /proc/cpuinfo flags of CPUs with native bf16 matrix instructions: x86 AVX-512 BF16 and AMX,
 # aarch64's BF16 extension (listed as "bf16" in Features).
@@ -60,3 +61,14 @@ def compute_dtype(precision: Precision, device: torch.device) -> torch.dtype:
             stacklevel=2,
         )
     return torch.bfloat16
+
+
+def resolve_cpu_run(spec: RLHFJobSpec) -> tuple[RLHFJobSpec, precision_choice.PrecisionChoice | None]:
+    """`spec` with precision auto made concrete when every role runs on CPUs (the choice, to print),
+    else `spec` as it is and None. The checkpoint fingerprint resolves the same way, so `auto` and
+    what it becomes on this machine are one job."""
+    if spec.precision != "auto" or precision_choice.uses_gpus(spec):
+        return spec, None
+    facts = precision_choice.PrecisionFacts(cpu_has_bf16(), precision_choice.actor_hidden(spec))
+    choice = precision_choice.choose_precision(spec, facts)
+    return spec.model_copy(update={"precision": choice.precision}), choice

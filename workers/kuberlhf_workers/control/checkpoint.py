@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kuberlhf.api import RLHFJob, RLHFJobSpec, spec_to_dict
+from kuberlhf_workers.base.precision import resolve_cpu_run
 
 LATEST = "latest"
 DEFAULT_FOLDER = "checkpoints"  # under the run's output folder, unless spec.checkpoint.path says otherwise
@@ -61,8 +62,9 @@ class JobIdentity:
 
 def training_fingerprint(spec: RLHFJobSpec) -> str:
     """A short hash of `SHAPING_FIELDS` of the spec (defaults filled in, so spelling them out or
-    leaving them to their defaults gives the same fingerprint)."""
-    full = spec_to_dict(spec)
+    leaving them to their defaults gives the same fingerprint; so does `precision: auto` and what it
+    becomes on this machine's CPUs)."""
+    full = spec_to_dict(resolve_cpu_run(spec)[0])
     picked = {}
     for key, subkeys in SHAPING_FIELDS.items():
         value = full.get(key)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from kuberlhf import api, engine_choice, jobrefs, precision_choice, shutdown
+from kuberlhf import api, engine_choice, jobrefs, shutdown
 from kuberlhf.specfile import load_job
 from kuberlhf_workers.control.report import SPEC
 
@@ -72,16 +72,6 @@ PROGRAMS: dict[api.Program, Callable[[], type[Program]]] = {"rl": _rl_program, "
 
 def output_dir(job_name: str, requested: str | None) -> Path:
     return Path(requested) if requested else Path("runs") / job_name
-
-
-def _cpu_precision(spec: api.RLHFJobSpec) -> api.RLHFJobSpec:
-    """precision: auto made concrete, once, for a run on CPUs only (kuberlhf.precision_choice)."""
-    from kuberlhf_workers.base.precision import cpu_has_bf16
-
-    facts = precision_choice.PrecisionFacts(cpu_has_bf16(), precision_choice.actor_hidden(spec))
-    choice = precision_choice.choose_precision(spec, facts)
-    print(choice.describe(spec.precision), flush=True)
-    return spec.model_copy(update={"precision": choice.precision})
 
 
 def _quiet_environment() -> None:
@@ -164,8 +154,12 @@ def main(args: argparse.Namespace, extra_callbacks: list[Any] | None = None) -> 
             spec, choice = engine_choice.resolve(job.spec, args.max_steps)
             print(choice.describe(job.spec.rollout.engine), flush=True)
             job = job.model_copy(update={"spec": spec})
-        if job.spec.precision == "auto" and not precision_choice.uses_gpus(job.spec):
-            job = job.model_copy(update={"spec": _cpu_precision(job.spec)})
+        from kuberlhf_workers.base.precision import resolve_cpu_run
+
+        spec, picked = resolve_cpu_run(job.spec)  # precision: auto made concrete on CPUs, once
+        if picked is not None:
+            print(picked.describe(job.spec.precision), flush=True)
+            job = job.model_copy(update={"spec": spec})
     except ValueError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
