@@ -51,16 +51,16 @@ def run_one(engine: str, seed: int, steps: int, out: Path) -> list[float]:
 
 def summarise(outcomes: dict[str, list[float]]) -> dict[str, Any]:
     """Mean and spread per engine, and the gap in standard errors (|z| < 2: no clear difference)."""
-    out: dict[str, Any] = {}
-    for engine, values in outcomes.items():
-        out[engine] = {"mean": statistics.fmean(values), "stdev": statistics.stdev(values) if len(values) > 1
-                       else 0.0, "runs": values}
-    a, b = (outcomes[e] for e in ENGINES)
-    error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) if min(
-        len(a), len(b)) > 1 else 0.0
-    gap = out["vllm"]["mean"] - out["hf"]["mean"]
-    out["gap_vllm_minus_hf"] = gap
-    out["gap_in_standard_errors"] = gap / error if error else None
+    out: dict[str, Any] = {
+        engine: {"mean": statistics.fmean(v), "stdev": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
+        for engine, v in outcomes.items()
+    }
+    hf, vllm = outcomes["hf"], outcomes["vllm"]
+    paired = min(len(hf), len(vllm)) > 1
+    error = (math.sqrt(statistics.variance(hf) / len(hf) + statistics.variance(vllm) / len(vllm))
+             if paired else 0.0)
+    out["gap_vllm_minus_hf"] = out["vllm"]["mean"] - out["hf"]["mean"]
+    out["gap_in_standard_errors"] = out["gap_vllm_minus_hf"] / error if error else None
     return out
 
 

@@ -274,8 +274,38 @@ def generation_table(all_results: list[dict[str, Any]]) -> str:
     return _layout(header, body)
 
 
+# -- bench/cpu_precision.py and bench/engine_parity.py --------------------------------------------
+
+
+def cpu_precision_table(all_results: list[dict[str, Any]]) -> str:
+    """One row per run and size: one train step in fp32 and in bf16, and bf16's speed-up."""
+    header = ["run", "size", "params", "fp32 s", "bf16 s", "bf16 x wall", "bf16 x cpu"]
+    body = [[r.get("created", "?"), size, _cell(res.get("parameters", 0) / 1e6, "{:.1f}M"),
+             _cell(res["wall_s"].get("fp32"), "{:.3f}"), _cell(res["wall_s"].get("bf16"), "{:.3f}"),
+             _cell(res.get("bf16_speedup_wall"), "{:.2f}x"), _cell(res.get("bf16_speedup_cpu"), "{:.2f}x")]
+            for r in all_results for size, res in r.get("sizes", {}).items()]
+    return _layout(header, body)
+
+
+def engine_parity_table(all_results: list[dict[str, Any]]) -> str:
+    """One row per run and engine: the reward after the run's steps over seeds, and the gap."""
+    header = ["run", "engine", "steps", "seeds", "reward mean", "stdev", "vllm - hf", "in std errors"]
+    body = []
+    for r in all_results:
+        summary_ = r["summary"]
+        for engine in ("hf", "vllm"):
+            gap = engine == "vllm"
+            body.append([r.get("created", "?"), engine, str(r.get("steps")), str(r.get("seeds")),
+                         _cell(summary_[engine]["mean"], "{:.3f}"),
+                         _cell(summary_[engine]["stdev"], "{:.3f}"),
+                         _cell(summary_["gap_vllm_minus_hf"] if gap else None, "{:+.3f}"),
+                         _cell(summary_["gap_in_standard_errors"] if gap else None, "{:+.2f}")])
+    return _layout(header, body)
+
+
 TABLES = {"vs_trl": table, "weight-sync": weight_sync_table, "operator": operator_table, "gpu": gpu_table,
-          "packing": packing_table, "generation": generation_table}
+          "packing": packing_table, "generation": generation_table, "cpu-precision": cpu_precision_table,
+          "engine-parity": engine_parity_table}
 
 
 def kind(results: dict[str, Any]) -> str:

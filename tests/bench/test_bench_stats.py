@@ -370,3 +370,16 @@ def test_packing_table_shows_each_layouts_step_time_and_speedup_per_size():
     text = summary.tables([{"benchmark": "packing", "created": "r1", "sizes": {"11m": {"layouts": layouts}}}])
     pack = next(line for line in text.splitlines() if " pack " in line)
     assert pack.split() == ["r1", "11m", "pack", "1122", "0.70", "1.35", "2.00x", "2.16x"]
+
+
+def test_engine_parity_reports_each_engines_spread_and_the_gap_in_standard_errors():
+    from bench import engine_parity
+
+    out = engine_parity.summarise({"hf": [0.4, 0.6], "vllm": [0.5, 0.7]})
+    assert out["hf"]["mean"] == pytest.approx(0.5) and out["vllm"]["stdev"] == pytest.approx(0.1414, abs=1e-4)
+    assert out["gap_vllm_minus_hf"] == pytest.approx(0.1)
+    assert out["gap_in_standard_errors"] == pytest.approx(0.1 / (0.02 / 2 + 0.02 / 2) ** 0.5)
+    assert engine_parity.summarise({"hf": [0.5], "vllm": [0.6]})["gap_in_standard_errors"] is None
+    results = {"benchmark": "engine-parity", "created": "x", "steps": 20, "seeds": 2, "summary": out}
+    table = summary.tables([results])
+    assert "+0.100" in table and "+0.71" in table
