@@ -153,9 +153,11 @@ def test_a_restarted_operator_reaches_the_same_end_state(point: str, cluster: Em
             if point in ("before-operator-saw-it", "after-status-before-rayjob", "launching"):
                 report_progress(admin)
             finish.set()
-            # The end state, not its speed: a loaded 2-core runner took over 10 s here once.
-            wait_for(lambda: phase(cluster) == "Succeeded", timeout=30.0,
-                     what="phase Succeeded after the restart")
+            # The end state, not its speed (a loaded 2-core runner took over 10 s here once): the
+            # phase and the Complete condition, which a full run once read between two patches.
+            wait_for(lambda: phase(cluster) == "Succeeded"
+                     and condition(job_status(cluster), "Complete").get("status") == "True",
+                     timeout=30.0, what="phase Succeeded and condition Complete after the restart")
         after = uids(cluster)
 
     assert all(len(v) == 1 for v in after.values()), f"duplicate or missing children: {after}"
