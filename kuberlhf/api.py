@@ -1090,6 +1090,13 @@ def parse_job(obj: Any) -> RLHFJob:
 DEFAULT_STEPS = 100
 
 
+def sequence_tokens(spec: RLHFJobSpec) -> int:
+    """The longest sequence a run's models see: a prompt, then a whole episode (model turns and
+    observations) when spec.environment is set, else one completion."""
+    episode = spec.environment.max_tokens if spec.environment is not None else 0
+    return spec.data.max_prompt_tokens + max(spec.data.max_new_tokens, episode)
+
+
 def steps_to_train(spec: RLHFJobSpec, records: int | None = None) -> int:
     """schedule.steps, else 100 online; offline, else the steps its epochs (default 1) take over
     `records` training records, one global batch a step."""

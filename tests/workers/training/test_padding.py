@@ -50,12 +50,16 @@ PROMPTS, RESPONSES = [3, 7, 1, 5, 2, 6, 2, 1], [4, 1, 9, 6, 3, 0, 2, 1]
 ALL = slice(0, len(PROMPTS))
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir: Path) -> torch.nn.Module:
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(tiny_model_dir: Path, request: pytest.FixtureRequest) -> torch.nn.Module:
+    """The tiny Llama with each attention kernel a CPU trainer loads (`padding.training_attention`):
+    both must read packed rows' restarting position ids as sequence boundaries."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    loaded: torch.nn.Module = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    loaded: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=request.param
+    ).eval()
     return loaded
 
 
@@ -280,6 +284,18 @@ def test_auto_is_packed_rows_under_a_block_diagonal_mask_on_a_cpu() -> None:
     assert padding.resolve("auto", torch.device("cuda"), torch.float32) == "pack"
     assert padding.attention_implementation("varlen") == "flash_attention_2"
     assert padding.attention_implementation("bucket") is None
+
+
+def test_cpu_trainers_load_eager_attention_for_short_sequences_and_sdpa_past_them() -> None:
+    short, limit = 288, padding.CPU_EAGER_MAX_TOKENS
+    assert padding.training_attention("pack", CPU, short) == "eager"
+    assert padding.training_attention("pad", CPU, limit) == "eager"
+    assert padding.training_attention("pack", CPU, limit + 1) is None
+    assert padding.training_attention("pack", torch.device("cuda"), short) is None
+    assert padding.training_attention("varlen", torch.device("cuda"), short) == "flash_attention_2"
+    # The spec's longest sequence decides: prompt + completion, or + a whole episode.
+    assert PolicyObjective(_spec(data={"maxNewTokens": 32})).attention == {"attn_implementation": "eager"}
+    assert PolicyObjective(_spec(data={"maxPromptTokens": 1024, "maxNewTokens": 32})).attention == {}
 
 
 def test_the_trainers_padding_is_a_spec_field_with_auto_by_default() -> None:

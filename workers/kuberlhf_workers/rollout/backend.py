@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from kuberlhf.api import EngineName, RLHFJobSpec
+from kuberlhf.api import EngineName, RLHFJobSpec, sequence_tokens
 from kuberlhf.engine_choice import resolved_engine
 from kuberlhf_workers.base.engine_transports import engine_backend
 from kuberlhf_workers.base.precision import compute_dtype
@@ -67,20 +67,13 @@ def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> Ge
         tensor_parallel_size=spec.rollout.tensor_parallel_size,
         gpu_memory_utilization=spec.rollout.gpu_memory_utilization,
         seed=spec.seed,
-        max_model_len=spec.data.max_prompt_tokens + max_response_tokens(spec),
+        max_model_len=sequence_tokens(spec),
         sleep_between_rollouts=sleeps_between_rollouts(spec),
         weight_transfer_backend=engine_backend(spec),
         # Explicit: vLLM's own "auto" turns an fp32 checkpoint into bf16 even where the trainer
         # computes in fp32.
         dtype="bfloat16" if compute_dtype(spec.precision, device) == torch.bfloat16 else "float32",
     )
-
-
-def max_response_tokens(spec: RLHFJobSpec) -> int:
-    """Tokens after the prompt an engine must hold: a whole episode (model turns and observations)
-    when spec.environment is set, else one completion."""
-    episode = spec.environment.max_tokens if spec.environment is not None else 0
-    return max(spec.data.max_new_tokens, episode)
 
 
 def sleeps_between_rollouts(spec: RLHFJobSpec) -> bool:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerRole, TrainerSpec
+from kuberlhf.api import ALGORITHMS, RLHFJobSpec, TrainerRole, TrainerSpec, sequence_tokens
 from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.training import algorithms, padding
 from kuberlhf_workers.training.batch import Batch, response_logprobs
@@ -47,8 +47,8 @@ def _layout(spec: RLHFJobSpec, trainer: TrainerSpec, device: torch.device) -> pa
     return padding.resolve(trainer.padding, device, compute_dtype(spec.precision, device))
 
 
-def _attention(layout: padding.Layout) -> dict[str, str]:
-    kernel = padding.attention_implementation(layout)
+def _attention(spec: RLHFJobSpec, layout: padding.Layout, device: torch.device) -> dict[str, str]:
+    kernel = padding.training_attention(layout, device, sequence_tokens(spec))
     return {} if kernel is None else {"attn_implementation": kernel}
 
 
@@ -60,13 +60,14 @@ class PolicyObjective:
         self.spec = spec
         self.trainer: TrainerSpec = spec.actor
         self.layout = _layout(spec, self.trainer, device)
+        self.attention = _attention(spec, self.layout, device)
         self.bucket_rows = padding.BUCKET_ROWS
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, **_attention(self.layout)
+            path, dtype=torch.float32, **self.attention
         )
         return model
 
@@ -130,13 +131,14 @@ class ValueObjective:
         self.spec = spec
         self.trainer = spec.critic or spec.actor
         self.layout = _layout(spec, self.trainer, device)
+        self.attention = _attention(spec, self.layout, device)
         self.bucket_rows = padding.BUCKET_ROWS
 
     def build_model(self, path: str, pad_id: int) -> torch.nn.Module:
         from transformers import AutoModelForTokenClassification
 
         model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, **_attention(self.layout)
+            path, num_labels=1, dtype=torch.float32, **self.attention
         )
         model.config.pad_token_id = pad_id
         module: torch.nn.Module = model
