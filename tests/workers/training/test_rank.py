@@ -1,4 +1,5 @@
-"""Joining a DeepSpeed world on CPU survives what a killed rank leaves behind."""
+"""A rank on CPU: joining its world survives what a killed rank leaves behind, and it loads only
+checkpoints whose DeepSpeed state is laid out as its own."""
 
 from __future__ import annotations
 
@@ -38,3 +39,40 @@ def test_a_rank_joins_its_world_although_a_killed_rank_left_the_extension_build_
         pytest.fail("joining the world waited on the stale extension lock")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "joined 1 None" in done.stdout
+
+
+def test_a_rank_refuses_a_checkpoint_whose_deepspeed_state_another_kind_of_run_wrote(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # A CPU run and a GPU run of one `precision: bf16` spec share the job's fingerprint, but the
+    # CPU's autocast keeps an fp32 module and DeepSpeed's bf16 mode does not: their states differ.
+    import deepspeed.comm
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kuberlhf.api import TrainerSpec
+    from kuberlhf_workers.base.transports import free_port
+    from kuberlhf_workers.training.layout import Layout
+    from kuberlhf_workers.training.rank import STATE_FORMAT_FILE, DeepSpeedRank, state_format_problem
+
+    cpu = torch.device("cpu")
+    rank = DeepSpeedRank("actor", TrainerSpec(zero_stage=0), Layout(4, 1, 4, 1), 0, cpu, "bf16")
+    assert rank.autocast and rank.state_format == "fp32-module"
+    build = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # noqa: E731
+    rank.join(("127.0.0.1", free_port()), build, 120)
+    checkpoint = tmp_path / "step-3" / "deepspeed"
+    try:
+        rank.save(str(checkpoint), None, str(tiny_model_dir))
+        marker = checkpoint / "actor" / STATE_FORMAT_FILE
+        assert marker.is_file()
+        rank.load(str(checkpoint))  # its own kind of state loads
+        marker.write_text('{"format": "deepspeed-bf16"}')  # as a GPU bf16 rank writes it
+        with pytest.raises(ValueError, match="bf16 mode") as refused:
+            rank.load(str(checkpoint))
+    finally:
+        deepspeed.comm.destroy_process_group()
+    message = str(refused.value)
+    assert str(checkpoint) in message and "--no-resume" in message
+    assert str(tmp_path / "step-3" / "model") in message
+    marker.unlink()  # checkpoints from before the marker load as before
+    assert state_format_problem(str(checkpoint), "actor", "deepspeed-bf16") is None

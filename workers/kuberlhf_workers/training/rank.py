@@ -34,6 +34,8 @@ from kuberlhf_workers.training.master import master_weight
 
 # Largest safetensors file an export writes, and so the most full weights it gathers at once.
 EXPORT_SHARD_BYTES = 2 * 2**30
+# Beside each rank's DeepSpeed state: how that state is laid out (StateFormat).
+STATE_FORMAT_FILE = "state-format.json"
 
 
 class DeepSpeedRank:
@@ -62,6 +64,15 @@ class DeepSpeedRank:
         bf16 optimizer path), while autocast's bf16 matmuls are 1.9x faster than fp32 at 135M
         (bench/README.md, "bf16 on CPU"); on a GPU DeepSpeed's bf16 mode is the fast one."""
         return self.dtype == torch.bfloat16 and self.device.type == "cpu"
+
+    @property
+    def state_format(self) -> str:
+        """How this rank's DeepSpeed checkpoint is laid out. DeepSpeed's bf16 mode (a GPU's) keeps
+        bf16 weights and the fp32 masters in its optimizer's state; fp32 training and CPU autocast
+        keep an fp32 module and a plain optimizer. Both runs say `precision: bf16`, so the job's
+        fingerprint cannot tell a CPU checkpoint from a GPU one, and DeepSpeed cannot load either
+        into the other."""
+        return "deepspeed-bf16" if self.dtype == torch.bfloat16 and not self.autocast else "fp32-module"
 
     @property
     def model(self) -> Any:
@@ -182,6 +193,9 @@ class DeepSpeedRank:
         """DeepSpeed state (model, optimizer, scheduler) and RNG state on every rank; HF weights from
         rank 0 (the folder a user loads with from_pretrained)."""
         self.model.save_checkpoint(directory, tag=self.tag)
+        if self.rank == 0:
+            marker = Path(directory) / self.tag / STATE_FORMAT_FILE
+            marker.write_text(json.dumps({"format": self.state_format}))
         rng = Path(self._rng_file(directory))
         rng.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng)
@@ -225,6 +239,9 @@ class DeepSpeedRank:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(hf_dir)
 
     def load(self, directory: str) -> None:
+        problem = state_format_problem(directory, self.tag, self.state_format)
+        if problem is not None:
+            raise ValueError(problem)
         path, _ = self.model.load_checkpoint(directory, tag=self.tag, load_optimizer_states=True)
         if path is None:
             raise FileNotFoundError(f"no {self.tag} DeepSpeed checkpoint in {directory}")
@@ -234,6 +251,23 @@ class DeepSpeedRank:
 
     def _rng_file(self, directory: str) -> str:
         return str(Path(directory) / self.tag / f"rng-rank{self.rank}.pt")
+
+
+def state_format_problem(directory: str, tag: str, mine: str) -> str | None:
+    """Why this rank must not load the `tag` state in `directory` (laid out for another kind of
+    run), naming both and the ways out; None when it may (or the checkpoint predates the marker)."""
+    marker = Path(directory) / tag / STATE_FORMAT_FILE
+    if not marker.is_file():
+        return None
+    saved = json.loads(marker.read_text()).get("format")
+    if saved == mine:
+        return None
+    kinds = {"deepspeed-bf16": "DeepSpeed's bf16 mode (bf16 on GPUs)",
+             "fp32-module": "an fp32 module (fp32, or bf16 autocast on CPUs)"}
+    return (f"checkpoint {directory}: its {tag} state was written by {kinds.get(saved, repr(saved))}, and "
+            f"this run trains with {kinds[mine]}; DeepSpeed cannot load one into the other. Resume it "
+            f"on the kind of machine that wrote it, or start a new run from the weights it exported "
+            f"({Path(directory).parent / 'model'}, as spec.model.actor) with --no-resume")
 
 
 def join_world(master: tuple[str, int], rank: int, world: int, timeout_s: float) -> None:
