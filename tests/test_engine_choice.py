@@ -74,8 +74,8 @@ def test_on_cpu_a_short_run_stays_on_hf_where_a_long_one_of_the_same_model_takes
     assert choose_engine(spec_of(), facts(parameters=BIG), steps=10).engine == "hf"  # --max-steps 10
     # The measured cases (bench/generation.py: 8 prompts x 4 samples x 32 tokens a step)
     bench = {"rollout": {"promptsPerStep": 8, "samplesPerPrompt": 4}, "data": {"maxNewTokens": 32}}
-    for parameters, steps, engine in ((11e6, 100, "hf"), (11e6, 200, "vllm"), (134.5e6, 8, "hf"),
-                                      (134.5e6, 15, "vllm"), (0.15e6, 5000, "hf")):
+    for parameters, steps, engine in ((11e6, 300, "hf"), (11e6, 500, "vllm"), (134.5e6, 20, "hf"),
+                                      (134.5e6, 40, "vllm"), (0.15e6, 5000, "hf")):
         spec = spec_of(schedule={"steps": steps}, **bench)
         assert choose_engine(spec, facts(parameters=parameters)).engine == engine, (parameters, steps)
 

@@ -40,7 +40,10 @@ def kuberay_crds() -> list[dict[str, Any]]:
     return json.loads(_kuberay_crd_text())  # type: ignore[no-any-return]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Polls until `predicate` holds. The default is generous on purpose: these tests check states,
+    not speed, and under `make test` the operator shares two cores with training runs (a suspend
+    round trip through the operator and the KubeRay stand-in once took over 10 s in CI)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

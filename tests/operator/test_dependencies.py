@@ -65,8 +65,8 @@ def test_a_later_stage_applied_with_its_dependency_waits_then_runs_after_it(
         status = job_status(cluster, "rm")
         assert status["phase"] == "Pending" and "sft" in condition(status, "DependenciesReady")["message"]
         assert cluster.get("ray.io", "rayjobs", "default", "rm-ray") is None, "started before its dependency"
-        wait_for(lambda: job_status(cluster, "sft").get("phase") == "Succeeded", timeout=30, what="sft done")
-        wait_for(lambda: job_status(cluster, "rm").get("phase") == "Succeeded", timeout=30, what="rm done")
+        wait_for(lambda: job_status(cluster, "sft").get("phase") == "Succeeded", what="sft done")
+        wait_for(lambda: job_status(cluster, "rm").get("phase") == "Succeeded", what="rm done")
         assert condition(job_status(cluster, "rm"), "DependenciesReady")["status"] == "True"
         # Events are posted after the status patch they report: wait for them, do not race them.
         wait_for(lambda: {"WaitingForDependency", "Launching", "Succeeded"}
@@ -83,7 +83,7 @@ def test_a_job_whose_dependency_fails_or_is_missing_fails_naming_it(
 
         admin.create(job("sft", backoffLimit=0))
         admin.create(rm_after("sft"))
-        wait_for(lambda: job_status(cluster, "rm").get("phase") == "Failed", timeout=30, what="rm failed")
+        wait_for(lambda: job_status(cluster, "rm").get("phase") == "Failed", what="rm failed")
         status = job_status(cluster, "rm")
         assert condition(status, "DependenciesReady")["reason"] == "DependencyFailed"
         assert cluster.get("ray.io", "rayjobs", "default", "rm-ray") is None

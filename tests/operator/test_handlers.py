@@ -255,7 +255,7 @@ def test_operator_needs_nothing_beyond_its_documented_rbac(secured_cluster: Emul
                       "namespace": "kuberlhf-system"}]})
     with running_operator(secured_cluster), running_standin(secured_cluster):
         admin.create(tiny_job())
-        wait_for(lambda: job_status(secured_cluster).get("phase") == "Succeeded", timeout=15,
+        wait_for(lambda: job_status(secured_cluster).get("phase") == "Succeeded",
                  what="phase Succeeded")
     calls = secured_cluster.requests(OPERATOR_USER)
     denied = [(r.method, r.path, r.status) for r in calls if r.status in (401, 403)]

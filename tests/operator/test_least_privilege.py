@@ -100,7 +100,7 @@ def test_every_call_is_granted_and_every_grant_is_used_or_justified(
         reporter.report(3, 20, {"reward_mean": 0.25}, None)
         reporter.close()
         assert reporter.sent == 1 and reporter.failures == 0
-        wait_for(lambda: job_status(handle).get("phase") == "Succeeded", timeout=15, what="phase Succeeded")
+        wait_for(lambda: job_status(handle).get("phase") == "Succeeded", what="phase Succeeded")
         admin.merge_patch(f"{JOBS}/tiny", {"spec": {"suspend": True}})  # a mutable knob after the end
         admin.merge_patch(f"{JOBS}/tiny", {"spec": {"seed": 99}})       # a refused frozen-field edit
         wait_for(lambda: any(c.get("reason") == "ImmutableFieldChanged"
@@ -218,7 +218,7 @@ def test_the_charts_default_namespaced_install_runs_a_job_with_rights_in_that_na
     assert watched == ["default"]
     with running_operator(handle, namespaces=watched), running_standin(handle):
         admin.create(tiny_job())
-        wait_for(lambda: job_status(handle).get("phase") == "Succeeded", timeout=15, what="phase Succeeded")
+        wait_for(lambda: job_status(handle).get("phase") == "Succeeded", what="phase Succeeded")
     calls = handle.requests(OPERATOR_USER)
     assert [(r.method, r.path, r.status) for r in calls if r.status in (401, 403)] == []
     outside = {(r.method, r.path) for r in calls if grant_of(r) is not None and r.namespace != "default"}

@@ -40,10 +40,10 @@ def test_operator_command_serves_probes_reconciles_and_stops_on_sigterm(cluster:
         env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "kuberlhf-system"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: fetch(f"http://127.0.0.1:{health}/healthz"), timeout=20, what="/healthz")
+        wait_for(lambda: fetch(f"http://127.0.0.1:{health}/healthz"), what="/healthz")
         with running_standin(cluster):
             cluster.create(tiny_job())
-            wait_for(lambda: job_status(cluster).get("phase") == "Succeeded", timeout=15, what="Succeeded")
+            wait_for(lambda: job_status(cluster).get("phase") == "Succeeded", what="Succeeded")
         exposition = wait_for(lambda: fetch(f"http://127.0.0.1:{metrics}/metrics"), what="/metrics")
         assert 'kuberlhf_jobs{phase="Succeeded"} 1.0' in exposition
         assert "kuberlhf_reconciles_total" in exposition

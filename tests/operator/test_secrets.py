@@ -58,7 +58,7 @@ def test_secret_values_stay_out_of_status_events_children_and_operator_logs(
     job["spec"]["reward"] = {"model": "builtin:tiny", "tokenSecretRef": {"name": "reward", "key": "bearer"}}
     with running_operator(cluster), running_standin(cluster, runner=sleep_runner(0.3)):
         admin.create(job)
-        wait_for(lambda: job_status(cluster).get("phase") == "Succeeded", timeout=15, what="phase Succeeded")
+        wait_for(lambda: job_status(cluster).get("phase") == "Succeeded", what="phase Succeeded")
         admin.merge_patch(f"{JOBS}/tiny", {"spec": {"seed": 5}})  # a refusal: a Warning Event with a message
         wait_for(lambda: any(c.get("reason") == "ImmutableFieldChanged"
                              for c in job_status(cluster).get("conditions", [])), what="refusal")
