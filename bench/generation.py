@@ -1,13 +1,13 @@
 """Rollout tokens/s on CPU by engine and model size: the numbers `rollout.engine: auto` is set from.
 
     .venv/bin/python bench/generation.py [--sizes tiny,11m,135m] [--engines hf,vllm]
-        [--repeats 4] [--rounds 2] [--threads 2] [--out bench/out/generation-<UTC>/]
+        [--precision fp32|bf16] [--repeats 4] [--rounds 2] [--threads 2] [--out bench/out/generation-<UTC>/]
 
 Each (size, engine) runs in its own child process, one after the other: vLLM changes process-wide
 state (environment, torch threads, its in-process engine) that would leak into the next case, and
 a fresh process counts the import an actor pays too. The child builds the engine the way a
-rollout actor does (`rollout.backend.make_backend` from an RLHFJobSpec, default precision), then
-generates one realistic RL batch (8 prompts x 4 samples x 32 new tokens, temperature 1, top-p 1,
+rollout actor does (`rollout.backend.make_backend` from an RLHFJobSpec, precision `--precision`),
+then generates one realistic RL batch (8 prompts x 4 samples x 32 new tokens, temperature 1, top-p 1,
 the bench prompts of bench/common.py) once to warm up and `--repeats` more times; `--rounds`
 repeats that in new children, the engines' order reversed every round. Reported: startup seconds
 (imports and engine construction, what a run pays once per engine; median over rounds), the
@@ -58,7 +58,8 @@ def model_path(size: str, workdir: Path) -> str:
     return str(resolve_model(BUILTIN[size], field="model"))
 
 
-def child(size: str, engine: str, repeats: int, threads: int, workdir: Path) -> dict[str, Any]:
+def child(size: str, engine: str, precision: str, repeats: int, threads: int,
+          workdir: Path) -> dict[str, Any]:
     """One engine on one model in this process: startup, then warm-up and timed batches."""
     started = time.perf_counter()
     import torch
@@ -72,7 +73,8 @@ def child(size: str, engine: str, repeats: int, threads: int, workdir: Path) -> 
 
     path = model_path(size, workdir)
     spec = RLHFJobSpec.model_validate({
-        "algorithm": "grpo", "model": {"actor": path}, "reward": {"function": "x.py:f"},
+        "algorithm": "grpo", "precision": precision, "model": {"actor": path},
+        "reward": {"function": "x.py:f"},
         "data": {"maxNewTokens": NEW_TOKENS},
         "rollout": {"engine": "vllm" if engine == "vllm" else "hf", "samplesPerPrompt": SAMPLES,
                     "promptsPerStep": PROMPTS},
@@ -85,7 +87,9 @@ def child(size: str, engine: str, repeats: int, threads: int, workdir: Path) -> 
         config = backend.model.generation_config  # type: ignore[attr-defined]
         config.cache_implementation = "static"
         if engine == "hf-compiled":
-            config.compile_config = CompileConfig(_compile_all_devices=True)
+            compile_config = CompileConfig(mode="default")  # reduce-overhead means CUDA graphs
+            compile_config._compile_all_devices = True  # a class attribute in transformers 5.19
+            config.compile_config = compile_config
         else:
             config.disable_compile = True
     startup = time.perf_counter() - started
@@ -103,7 +107,8 @@ def child(size: str, engine: str, repeats: int, threads: int, workdir: Path) -> 
         cpu.append(cpu_seconds)
         tokens.append(n)
     return {
-        "size": size, "engine": engine, "ok": True, "model": path, "startup_s": startup,
+        "size": size, "engine": engine, "precision": precision, "ok": True, "model": path,
+        "startup_s": startup,
         "engine_construct_s": time.perf_counter() - begun - sum(times), "warmup_batch_s": times[0],
         "batch_s": times[1:], "cpu_s": cpu[1:], "tokens": tokens[1:], "threads": threads,
     }
@@ -128,7 +133,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_case(size: str, engine: str, args: argparse.Namespace, out: Path, round_: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", f"{size}:{engine}", "--repeats", str(args.repeats),
+    cmd = [sys.executable, __file__, "--child", f"{size}:{engine}", "--precision", args.precision,
+           "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--out", str(out)]
     log = out / f"{size}-{engine}-round{round_}.log"
     with log.open("w") as fh:
@@ -169,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,11m,135m")
     parser.add_argument("--engines", default="hf,vllm", help="hf, vllm, hf-static, hf-compiled")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="spec.precision of the engines (runs on a bf16 CPU use bf16)")
     parser.add_argument("--repeats", type=int, default=4, help="timed batches per engine and round")
     parser.add_argument("--rounds", type=int, default=2, help="children per engine, in alternating order")
     parser.add_argument("--threads", type=int, default=2)
@@ -181,7 +189,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
         size, engine = args.child.split(":")
-        print("RESULT " + json.dumps(child(size, engine, args.repeats, args.threads, out)), flush=True)
+        result = child(size, engine, args.precision, args.repeats, args.threads, out)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     results: dict[str, Any] = {
         "benchmark": "generation", "created": stamp, "config": {

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kuberlhf.api import RLHFJobSpec
+from kuberlhf_workers.base.attention import CPU_EAGER_MAX_TOKENS
 from kuberlhf_workers.base.samples import GenerationResult
 from kuberlhf_workers.training import padding
 from kuberlhf_workers.training.batch import Batch, collate, response_logprobs, token_logprobs
@@ -287,7 +288,7 @@ def test_auto_is_packed_rows_under_a_block_diagonal_mask_on_a_cpu() -> None:
 
 
 def test_cpu_trainers_load_eager_attention_for_short_sequences_and_sdpa_past_them() -> None:
-    short, limit = 288, padding.CPU_EAGER_MAX_TOKENS
+    short, limit = 288, CPU_EAGER_MAX_TOKENS
     assert padding.training_attention("pack", CPU, short) == "eager"
     assert padding.training_attention("pad", CPU, limit) == "eager"
     assert padding.training_attention("pack", CPU, limit + 1) is None

@@ -16,6 +16,7 @@ import torch
 
 from kuberlhf.api import EngineName, RLHFJobSpec, sequence_tokens
 from kuberlhf.engine_choice import resolved_engine
+from kuberlhf_workers.base.attention import cpu_attention
 from kuberlhf_workers.base.engine_transports import engine_backend
 from kuberlhf_workers.base.precision import compute_dtype
 from kuberlhf_workers.base.samples import GenerationRequest, GenerationResult
@@ -51,7 +52,8 @@ BackendFactory = Callable[[RLHFJobSpec, str | Path, torch.device], GenerationBac
 def _hf(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:
     from kuberlhf_workers.rollout.hf import HFBackend
 
-    return HFBackend(model_path, device, compute_dtype(spec.precision, device))
+    attention = cpu_attention(device, sequence_tokens(spec))
+    return HFBackend(model_path, device, compute_dtype(spec.precision, device), attention)
 
 
 def _vllm(spec: RLHFJobSpec, model_path: str | Path, device: torch.device) -> GenerationBackend:

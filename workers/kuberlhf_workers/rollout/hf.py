@@ -20,10 +20,15 @@ class HFBackend:
     """transformers' generate with sampling; behaviour log-probs come from the processed scores."""
 
     def __init__(
-        self, model_path: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        model_path: str | Path,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attention: str | None = None,
     ):
         """`dtype`: the compute dtype; a job's comes from spec.precision (`rollout.backend`). Unset:
-        bf16 on a GPU, fp32 on a CPU, where logits then match an fp32 trainer's to ~1e-7."""
+        bf16 on a GPU, fp32 on a CPU, where logits then match an fp32 trainer's to ~1e-7.
+        `attention`: the kernel (`base.attention.cpu_attention`); unset, transformers' default."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or torch.device("cpu")
@@ -33,7 +38,8 @@ class HFBackend:
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        kernel = {} if attention is None else {"attn_implementation": attention}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kernel)
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types `.to` oddly
         self._params = dict(self.model.named_parameters())
 

@@ -38,19 +38,13 @@ from typing import Literal
 import torch
 
 from kuberlhf.api import Padding
+from kuberlhf_workers.base.attention import cpu_attention
 from kuberlhf_workers.training.batch import Batch
 from kuberlhf_workers.training.packing import bins
 
 Layout = Literal["pad", "bucket", "pack", "varlen"]
 # Rows per bucket under spec padding bucket (bench/packing.py: 8 ahead of 4 and 16 at 11M).
 BUCKET_ROWS = 8
-# On a CPU, transformers' eager attention trains faster than SDPA's CPU flash kernel, whose backward
-# is the slow part at short lengths (bench/cpu_attention.py, 2026-12-06: a train step 1.36x / 1.10x
-# faster at 11M with 34 / 130-token sequences, 1.04x / 1.06x at 135M). Eager keeps every head's
-# [L, L] probabilities for the backward (bf16 at 135M, 16 rows of 512 tokens: ~2.3 GB over its 30
-# layers, growing with L squared), so specs allowing longer sequences keep SDPA, which holds O(L).
-# The default spec (256 prompt + 256 new tokens) is just inside.
-CPU_EAGER_MAX_TOKENS = 512
 # The token behind the padding of the new layouts: it always follows its row's real tokens, which
 # causal attention keeps from seeing it, so any id will do.
 FILL = 0
@@ -101,12 +95,9 @@ def attention_implementation(layout: Layout) -> str | None:
 
 def training_attention(layout: Layout, device: torch.device, longest: int) -> str | None:
     """The kernel a model trained on `device` loads with, for sequences of at most `longest` tokens:
-    the layout's, else eager on a CPU up to `CPU_EAGER_MAX_TOKENS` (its backward is the faster one
-    there), else transformers' default (SDPA). Forward-only models keep `attention_implementation`'s."""
-    kernel = attention_implementation(layout)
-    if kernel is None and device.type == "cpu" and longest <= CPU_EAGER_MAX_TOKENS:
-        return "eager"
-    return kernel
+    the layout's, else `base.attention.cpu_attention`'s. Forward-only models keep
+    `attention_implementation`'s."""
+    return attention_implementation(layout) or cpu_attention(device, longest)
 
 
 def sequences(batch: Batch) -> list[Row]:
