@@ -17,6 +17,24 @@ from typing import Any
 import psutil
 
 POLL_S = 0.2
+# A core counts as free below this share busy: the bench's own polling and the idle system.
+QUIET_BUSY_PERCENT = 15.0
+
+
+def wait_quiet(cpus: str | None, timeout_s: float = 60.0) -> float:
+    """Wait until the cores the next run is pinned to are idle; seconds waited. A run's stragglers
+    (Ray's raylet and workers, TRL's dataloader threads) can outlive its exit by seconds, and
+    whatever runs next would otherwise pay for them."""
+    cores = parse_cpus(cpus) if cpus else None
+    started = time.time()
+    while time.time() - started < timeout_s:
+        busy = psutil.cpu_percent(interval=1.0, percpu=True)
+        watched = [busy[c] for c in cores if c < len(busy)] if cores else busy
+        if max(watched, default=0.0) < QUIET_BUSY_PERCENT:
+            break
+    else:
+        print(f"cores {cpus or 'all'} still busy after {timeout_s:.0f} s; measuring anyway", file=sys.stderr)
+    return time.time() - started
 
 
 def tree_rss(process: psutil.Process) -> int:

@@ -293,7 +293,9 @@ def run_size(
     }
     rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in runners}
     for index, system in round_order(list(runners), args.rounds):
-        print(f"[{name}] {system}: {cfg.steps} steps (round {index + 1}/{args.rounds}) ...", flush=True)
+        waited = procs.wait_quiet(work.cpus)
+        print(f"[{name}] {system}: {cfg.steps} steps (round {index + 1}/{args.rounds}, the cores idle "
+              f"after {waited:.0f} s) ...", flush=True)
         record = runners[system](out / name / system / f"round-{index + 1}")
         rounds[system].append(summarise_run(record, work))
         if common.weights_sha256(model) != sha:
