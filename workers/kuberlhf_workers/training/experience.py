@@ -31,6 +31,9 @@ class Experience:
     old_logp: torch.Tensor | None = None
     kl_coef: float = 0.0  # this step's coefficient (adaptive KL moves it between steps)
     shaping: torch.Tensor | None = None  # what reward shaping (overlong) added to `rewards`
+    # True while old_logp's rows are still to be read off the loss's own forward pass: when an
+    # epoch makes one optimizer step, its micro-batches all see the weights from before the update.
+    old_from_loss: bool = False
 
 
 def make_experience(

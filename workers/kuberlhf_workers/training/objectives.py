@@ -84,6 +84,8 @@ class PolicyObjective:
         logp = response_logprobs(scores, mb, self.spec.rollout.temperature)
         loss_spec = self.spec.loss
         behaviour = mb.behaviour_logp.to(device)
+        if exp.old_from_loss and exp.old_logp is not None:
+            exp.old_logp[rows] = logp.detach().cpu()
         old = exp.old_logp[rows].to(device) if exp.old_logp is not None else behaviour
         loss, metrics = algorithms.policy_loss(
             logp,

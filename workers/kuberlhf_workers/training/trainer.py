@@ -5,7 +5,9 @@ world. Each rank pulls the rollout, rewards, reference log-probs and critic valu
 the object store (never through the driver), computes the experience for the whole batch itself
 (cheap and deterministic, so all ranks agree), and trains on its shard. Old log-probs are the
 rollout's behaviour log-probs: in synchronous training the rollout weights are the trainer's, so
-no extra forward pass is needed.
+no extra forward pass is needed. A rollout correction needs the trainer's own: read off the first
+epoch's loss passes when that epoch makes a single optimizer step and nothing is random in the
+forward (no dropout), else from one no-grad pass before the update.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ from kuberlhf_workers.training.rank import EXPORT_SHARD_BYTES, DeepSpeedRank
 def _mean_metrics(items: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for m in items for k in m}
     return {k: sum(float(m[k]) for m in items if k in m) / sum(1 for m in items if k in m) for k in keys}
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training forward differs from an eval one: a dropout layer (LoRA's included) or
+    transformers' attention dropout with a non-zero rate."""
+    layers = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    return layers or any(float(getattr(c, "attention_dropout", 0.0) or 0.0) > 0 for c in configs)
 
 
 class TrainerWorker:
@@ -108,14 +118,15 @@ class TrainerWorker:
         mine = shard(len(exp.batch), self.rank.rank, layout.world)
         step_metrics = []
         if isinstance(self.objective, PolicyObjective) and self.spec.loss.rollout_correction.mode != "off":
-            # One no-grad pass before any update, micro-batch by micro-batch (every rank: ZeRO-3).
-            old = torch.zeros_like(exp.batch.behaviour_logp)
-            model.eval()
-            for start in range(mine.start, mine.stop, layout.micro):
-                rows = slice(start, min(start + layout.micro, mine.stop))
-                old[rows] = self.objective.old_logprobs(model, exp, rows, device)
-            model.train()
-            exp.old_logp = old
+            exp.old_logp = torch.zeros_like(exp.batch.behaviour_logp)
+            exp.old_from_loss = layout.global_batch == layout.rows and not has_dropout(model)
+            if not exp.old_from_loss:
+                # One no-grad pass before any update, micro-batch by micro-batch (every rank: ZeRO-3).
+                model.eval()
+                for start in range(mine.start, mine.stop, layout.micro):
+                    rows = slice(start, min(start + layout.micro, mine.stop))
+                    exp.old_logp[rows] = self.objective.old_logprobs(model, exp, rows, device)
+                model.train()
         for _ in range(self.objective.trainer.epochs):
             for start in range(mine.start, mine.stop, layout.micro):
                 rows = slice(start, min(start + layout.micro, mine.stop))
@@ -123,6 +134,7 @@ class TrainerWorker:
                 model.backward(loss)
                 model.step()
                 step_metrics.append(metrics)
+            exp.old_from_loss = False  # the first epoch has read them; later epochs reuse them
         if self.rank.rank != 0:
             return {}
         out = _mean_metrics(step_metrics)
