@@ -118,6 +118,12 @@ def render_spec(template: dict[str, Any], work: Workload, off_policy_steps: int 
     )
     spec["actor"].update(learningRate=cfg.learning_rate, microBatchSize=cfg.samples_per_step)
     spec["kl"]["coef"] = cfg.beta
+    if off_policy_steps:
+        # Stale rollouts, corrected as decoupled PPO does: PPO's clip around the trainer's own
+        # log-probs, the engine's staleness weighed by truncated importance sampling. Without it the
+        # clip around the stale engine's log-probs drops much of each update (11M: reward 0.40 after
+        # 20 steps against 0.64 with it and 0.665 synchronous).
+        spec["loss"]["rolloutCorrection"] = {"mode": "token-clip"}
     spec["schedule"]["steps"] = cfg.steps
     spec["checkpoint"]["everySteps"] = cfg.steps
     spec["seed"] = cfg.seed

@@ -247,7 +247,7 @@ def _workload(size_name: str = "11m") -> object:
                            "0" * 64, None, 60.0, "auto")
 
 
-def test_the_async_run_gets_the_same_spec_but_overlapping_steps():
+def test_the_async_run_gets_the_same_spec_but_overlapping_steps_corrected_for_staleness():
     from bench import vs_trl
 
     template = yaml.safe_load(vs_trl.SPEC_TEMPLATE.read_text())
@@ -255,6 +255,8 @@ def test_the_async_run_gets_the_same_spec_but_overlapping_steps():
     overlapped = vs_trl.render_spec(template, _workload(), off_policy_steps=1)
     assert overlapped["spec"]["rollout"].pop("offPolicySteps") == 1
     assert sync["spec"]["rollout"].pop("offPolicySteps") == 0
+    assert overlapped["spec"]["loss"].pop("rolloutCorrection") == {"mode": "token-clip"}
+    assert "rolloutCorrection" not in sync["spec"]["loss"]
     assert overlapped == sync
 
 
