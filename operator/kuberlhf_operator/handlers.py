@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,6 +87,7 @@ class Reconciler:
         self.api = api
         self.metrics = metrics
         self.peers = peers or Peers()
+        self._status_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def job_path(self, namespace: str, name: str, status: bool = False) -> str:
         return object_path(API_VERSION, "RLHFJob", namespace, name) + ("/status" if status else "")
@@ -240,8 +242,10 @@ class Reconciler:
         if rayjob is not None:
             # A RayJob that existed before this reconcile may have reported while status.rayJobName
             # was unwritten (an operator restart, a quick KubeRay): those events were dropped, so
-            # project its state now, or the job would wait in Launching for its next change.
-            self.sync_status(namespace, name, rayjob)
+            # project its state now, or the job would wait in Launching for its next change. Read
+            # afresh: the copy read above is a dozen requests old, and a RayJob event handled in
+            # between (it finished) must not be overwritten by it.
+            self.sync_status(namespace, name)
 
     def hold(self, body: Obj, verdict: deps.Verdict) -> None:
         """Keep a job Pending until the jobs it uses succeed, or fail it; one Event per change."""
@@ -283,8 +287,18 @@ class Reconciler:
         return bool(frozen)
 
     def sync_status(self, namespace: str, job_name: str, rayjob: Obj | None = None) -> None:
-        """Project the RayJob / RayCluster state into the RLHFJob's phase and conditions."""
+        """Project the RayJob / RayCluster state into the RLHFJob's phase and conditions.
+
+        `rayjob` is a RayJob event's body (kopf hands one object's events over in order); without
+        it the RayJob is read here. One projection per job at a time: kopf runs the RLHFJob's and
+        the RayJob's handlers in parallel threads, and a projection that read the RayJob before
+        another wrote a newer one would otherwise undo it (a finished job back to Running, for good).
+        """
         self.metrics.reconciles.labels(trigger="rayjob").inc()
+        with self._status_locks.setdefault((namespace, job_name), threading.Lock()):
+            self._sync_status(namespace, job_name, rayjob)
+
+    def _sync_status(self, namespace: str, job_name: str, rayjob: Obj | None) -> None:
         job = self.api.get(self.job_path(namespace, job_name))
         if job is None or job["metadata"].get("deletionTimestamp"):
             self.metrics.observe_phase(namespace, job_name, None)

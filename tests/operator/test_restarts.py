@@ -33,6 +33,7 @@ CHILDREN = [("", "configmaps"), ("", "serviceaccounts"), (RBAC, "roles"), (RBAC,
             ("", "persistentvolumeclaims"), ("networking.k8s.io", "networkpolicies"), ("ray.io", "rayjobs")]
 KILL_POINTS = ["before-operator-saw-it", "after-status-before-rayjob", "launching", "running", "suspended",
                "succeeded", "deleting"]
+RAYJOB = "/apis/ray.io/v1/namespaces/default/rayjobs/tiny-ray"
 PROGRESS = {"step": 7, "totalSteps": 20, "rewardMean": 0.5}
 
 
@@ -175,3 +176,46 @@ def test_a_restarted_operator_reaches_the_same_end_state(point: str, cluster: Em
     creates = [r for r in cluster.requests(OPERATOR_USER) if r.method == "POST" and r.status == 201
                and r.resource == "rayjobs"]
     assert len(creates) == 1
+
+
+class FinishesMidReconcile(KubeApi):
+    """The operator's client, where KubeRay finishes the job while the operator adopts its children,
+    and the RayJob's event is handled in that window (kopf runs it in a parallel thread)."""
+
+    def __init__(self, api: KubeApi, admin: KubeApi, on_finish: Any) -> None:
+        super().__init__(api.client)
+        self.admin, self.on_finish, self.armed = admin, on_finish, False
+
+    def create(self, obj: Any) -> Any:
+        if self.armed and obj["kind"] == "ConfigMap":
+            self.armed = False
+            finished = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
+                        "endTime": "2026-01-01T00:00:00Z"}
+            rayjob = self.admin.merge_patch(RAYJOB + "/status", {"status": finished})
+            self.on_finish(rayjob)
+        return super().create(obj)
+
+
+
+def test_a_resumed_reconcile_never_undoes_a_finish_reported_while_it_ran(cluster: EmulatorHandle,
+                                                                        admin: KubeApi) -> None:
+    from kuberlhf_operator.handlers import Reconciler, plain
+    from kuberlhf_operator.metrics import Metrics
+
+    operator_api, _ = user_api(cluster, OPERATOR_USER)
+    reconciler: Reconciler
+    api = FinishesMidReconcile(operator_api, admin,
+                               lambda rayjob: reconciler.sync_status("default", "tiny", rayjob))
+    reconciler = Reconciler(api, Metrics())
+    admin.create(tiny_job())
+    reconciler.reconcile(plain(admin.get(f"{JOBS}/tiny")))
+    admin.merge_patch(RAYJOB + "/status", {"status": {
+        "jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "tiny-ray-abc"}})
+    reconciler.sync_status("default", "tiny")
+    assert phase(cluster) == "Running"
+
+    api.armed = True  # the restarted operator's resume: it reads the RayJob (Running), then adopts
+    reconciler.reconcile(plain(admin.get(f"{JOBS}/tiny")))
+    assert not api.armed, "KubeRay never finished the job mid-reconcile"
+    assert phase(cluster) == "Succeeded", "the resume projected the RayJob it read before the finish"
+    assert condition(job_status(cluster), "Complete")["status"] == "True"

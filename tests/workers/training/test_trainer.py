@@ -12,9 +12,10 @@ from kuberlhf.api import RLHFJobSpec
 from kuberlhf_workers.base.samples import GenerationResult
 from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import make_experience
+from kuberlhf_workers.training.layout import Layout
 from kuberlhf_workers.training.lora import apply_lora
 from kuberlhf_workers.training.objectives import PolicyObjective
-from kuberlhf_workers.training.trainer import has_dropout
+from kuberlhf_workers.training.trainer import has_dropout, old_from_loss
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +59,10 @@ def test_old_logprobs_read_off_the_loss_pass_equal_the_no_grad_pass_and_start_th
     assert abs(metrics["rollout_kl"]) > 1.0  # while the correction still sees the stale engine
 
 
-def test_a_forward_with_dropout_keeps_the_separate_pass(tiny_model_dir: Path) -> None:
+def test_the_loss_pass_stands_in_only_with_one_update_per_epoch_and_no_dropout(tiny_model_dir: Path) -> None:
     model = _model(tiny_model_dir)
+    assert old_from_loss(Layout(rows=32, world=2, micro=8, accumulation=2), model)
+    assert not old_from_loss(Layout(rows=32, world=2, micro=8, accumulation=1), model)  # two updates
     assert not has_dropout(model)
     from kuberlhf.api import LoraSpec
 
@@ -67,3 +70,4 @@ def test_a_forward_with_dropout_keeps_the_separate_pass(tiny_model_dir: Path) ->
     assert not has_dropout(apply_lora(_model(tiny_model_dir), LoraSpec(rank=4)))
     model.config.attention_dropout = 0.1
     assert has_dropout(model)
+    assert not old_from_loss(Layout(rows=32, world=2, micro=8, accumulation=2), model)

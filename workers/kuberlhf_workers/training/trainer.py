@@ -23,7 +23,7 @@ from kuberlhf_workers.base.samples import merge_results, shard
 from kuberlhf_workers.base.transports import ParamMeta, WeightTransport, free_address
 from kuberlhf_workers.training.batch import collate
 from kuberlhf_workers.training.experience import Experience, make_experience
-from kuberlhf_workers.training.layout import train_layout
+from kuberlhf_workers.training.layout import Layout, train_layout
 from kuberlhf_workers.training.lora import with_lora
 from kuberlhf_workers.training.objectives import OBJECTIVES, PolicyObjective, ValueObjective
 from kuberlhf_workers.training.rank import EXPORT_SHARD_BYTES, DeepSpeedRank
@@ -40,6 +40,12 @@ def has_dropout(model: torch.nn.Module) -> bool:
     layers = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     configs = [getattr(m, "config", None) for m in model.modules()]
     return layers or any(float(getattr(c, "attention_dropout", 0.0) or 0.0) > 0 for c in configs)
+
+
+def old_from_loss(layout: Layout, model: torch.nn.Module) -> bool:
+    """Whether the first epoch's loss passes see the pre-update weights, deterministically: one
+    optimizer step per epoch and no dropout, so their log-probs can stand in for a no-grad pass."""
+    return layout.global_batch == layout.rows and not has_dropout(model)
 
 
 class TrainerWorker:
@@ -119,7 +125,7 @@ class TrainerWorker:
         step_metrics = []
         if isinstance(self.objective, PolicyObjective) and self.spec.loss.rollout_correction.mode != "off":
             exp.old_logp = torch.zeros_like(exp.batch.behaviour_logp)
-            exp.old_from_loss = layout.global_batch == layout.rows and not has_dropout(model)
+            exp.old_from_loss = self._old_from_loss
             if not exp.old_from_loss:
                 # One no-grad pass before any update, micro-batch by micro-batch (every rank: ZeRO-3).
                 model.eval()
@@ -143,6 +149,11 @@ class TrainerWorker:
             out[f"{self.role}_grad_norm"] = float(grad_norm)
         out.update(self.objective.step_metrics(exp))
         return out
+
+    @functools.cached_property
+    def _old_from_loss(self) -> bool:
+        """`old_from_loss` for this rank's model, decided once: both are fixed for the run."""
+        return old_from_loss(self.rank.layout, self.rank.model)
 
     def values(self, rollout_refs: list[Any]) -> torch.Tensor:
         """Critic values of this rank's rows (every critic rank is called, as ZeRO-3 needs)."""
