@@ -76,3 +76,36 @@ def test_a_rank_refuses_a_checkpoint_whose_deepspeed_state_another_kind_of_run_w
     assert str(tmp_path / "step-3" / "model") in message
     marker.unlink()  # checkpoints from before the marker load as before
     assert state_format_problem(str(checkpoint), "actor", "deepspeed-bf16") is None
+
+
+def test_the_specs_seed_decides_a_fresh_value_head_on_every_build(tiny_model_dir: Path) -> None:
+    # A reward model's head is not in the checkpoint it starts from: without the seed, two runs of
+    # one spec trained two different reward models.
+    import deepspeed.comm
+    import torch
+
+    from kuberlhf.api import RLHFJobSpec, TrainerSpec
+    from kuberlhf_workers.base.transports import free_port
+    from kuberlhf_workers.training.layout import Layout
+    from kuberlhf_workers.training.offline import RewardModelObjective
+    from kuberlhf_workers.training.rank import DeepSpeedRank
+
+    spec = RLHFJobSpec.model_validate({"algorithm": "rm", "model": {"actor": "builtin:tiny"},
+                                       "data": {"train": "prefs.jsonl"}})
+    objective = RewardModelObjective(spec, 0)
+
+    before = iter(range(3))
+
+    def head(seed: int) -> torch.Tensor:
+        torch.manual_seed(next(before))  # whatever the process drew before must not matter
+        rank = DeepSpeedRank("actor", TrainerSpec(zero_stage=0), Layout(4, 1, 4, 1), 0, torch.device("cpu"))
+        build = lambda: objective.build_model(str(tiny_model_dir), 0)  # noqa: E731
+        rank.join(("127.0.0.1", free_port()), build, 120, seed)
+        try:
+            return rank.model.module.score.weight.detach().clone()
+        finally:
+            deepspeed.comm.destroy_process_group()
+
+    first, again, other = head(42), head(42), head(43)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

@@ -281,7 +281,7 @@ class OfflineTrainerWorker:
     def init_world(self, master: tuple[str, int]) -> None:
         build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
         timeout = self.spec.schedule.step_timeout_seconds
-        self.rank.join(master, with_lora(build, self.spec.actor.lora), timeout)
+        self.rank.join(master, with_lora(build, self.spec.actor.lora), timeout, self.spec.seed)
 
     def train(self, examples: list[Example]) -> Metrics:
         """One optimizer step over this rank's shard of `examples`; rank 0 returns the metrics."""

@@ -21,6 +21,7 @@ import torch
 
 from kuberlhf.api import Precision, TrainerSpec
 from kuberlhf_workers.base.precision import compute_dtype
+from kuberlhf_workers.base.seeds import mix_seed
 from kuberlhf_workers.base.transports import (
     NamedTensors,
     ParamMeta,
@@ -36,6 +37,7 @@ from kuberlhf_workers.training.master import master_weight
 EXPORT_SHARD_BYTES = 2 * 2**30
 # Beside each rank's DeepSpeed state: how that state is laid out (StateFormat).
 STATE_FORMAT_FILE = "state-format.json"
+INIT_SEED = 104_723  # mixed into the spec's seed for fresh parameters: no other stream draws from it
 
 
 class DeepSpeedRank:
@@ -80,8 +82,13 @@ class DeepSpeedRank:
             raise RuntimeError(f"{self.tag} rank {self.rank} used before joining its DeepSpeed world")
         return self._model
 
-    def join(self, master: tuple[str, int], build: Callable[[], torch.nn.Module], timeout_s: float) -> None:
+    def join(self, master: tuple[str, int], build: Callable[[], torch.nn.Module], timeout_s: float,
+             seed: int | None = None) -> None:
         """Join the data-parallel world, then build the model in it; all ranks call this concurrently.
+
+        `seed` (the spec's) seeds the parameters the build creates afresh (a reward model's or
+        critic's value head, LoRA adapters), the same on every rank, so one spec trains one model:
+        unseeded, two runs of a pipeline's reward model differed from their first step.
 
         Under ZeRO-3 the model is built sharded: with an `HfDeepSpeedConfig` alive, from_pretrained
         creates every parameter inside `deepspeed.zero.Init` and loads the checkpoint into the shards,
@@ -100,6 +107,8 @@ class DeepSpeedRank:
             sharded = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
         # VmRSS too: the process's own baseline (imports, gloo), which the host estimate adds.
         self.memory_mib = {"before_build": resident_mib(), "rss_before_build": resident_mib("VmRSS")}
+        if seed is not None:
+            torch.manual_seed(mix_seed(seed, INIT_SEED))
         model = build()
         if self.autocast:
             # Bound to this instance, so DeepSpeed's engine (which calls the module) and every

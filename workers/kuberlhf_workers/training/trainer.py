@@ -83,7 +83,8 @@ class TrainerWorker:
         """Load the model and join the data-parallel world; all ranks must call this concurrently."""
         build = functools.partial(self.objective.build_model, self.model_path, self.pad_id)
         lora = self.spec.actor.lora if self.role == "actor" else None
-        self.rank.join(master, with_lora(build, lora), self.spec.schedule.step_timeout_seconds)
+        self.rank.join(master, with_lora(build, lora), self.spec.schedule.step_timeout_seconds,
+                       self.spec.seed)
 
     # -- training ---------------------------------------------------------------------------------
 
