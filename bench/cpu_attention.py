@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,21 +93,12 @@ def run_case(size: str, new_tokens: int, args: argparse.Namespace, workdir: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(SIZES))
-    parser.add_argument("--new-tokens", default="32,128")
-    parser.add_argument("--lengths", default="uniform", choices=["uniform", "full"])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out or ROOT / "bench" / "out" / f"cpu-attention-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "benchmark": "cpu-attention", "created": stamp, "config": vars(args), "cases": [],
-    }
+    options = packing.parser(__doc__, ",".join(SIZES))
+    options.add_argument("--new-tokens", default="32,128")
+    options.add_argument("--lengths", default="uniform", choices=["uniform", "full"])
+    args = options.parse_args()
+    out, results = packing.results_dir("cpu-attention", args)
+    results["cases"] = []
     for size in args.sizes.split(","):
         for new_tokens in (int(n) for n in args.new_tokens.split(",")):
             results["cases"].append(run_case(size, new_tokens, args, out))

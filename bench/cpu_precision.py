@@ -16,12 +16,10 @@ kuberlhf side asks for bf16 (bench/vs_trl.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +103,9 @@ def run_size(size: str, rounds: int, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(SIZES))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out or ROOT / "bench" / "out" / f"cpu-precision-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"benchmark": "cpu-precision", "created": stamp, "config": vars(args),
-                               "sizes": {}}
+    args = packing.parser(__doc__, ",".join(SIZES)).parse_args()
+    out, results = packing.results_dir("cpu-precision", args)
+    results["sizes"] = {}
     for size in args.sizes.split(","):
         results["sizes"][size] = run_size(size, args.rounds, out)
         (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -47,6 +47,27 @@ SIZES: dict[str, tuple[int, int, list[str]]] = {
 }
 
 
+def parser(doc: str, sizes: str) -> argparse.ArgumentParser:
+    """The options every in-process CPU training benchmark here takes (this one, cpu_precision,
+    cpu_attention); each adds its own."""
+    parsed = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parsed.add_argument("--sizes", default=sizes)
+    parsed.add_argument("--rounds", type=int, default=5)
+    parsed.add_argument("--threads", type=int, default=2)
+    parsed.add_argument("--out", default=None)
+    return parsed
+
+
+def results_dir(benchmark: str, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """bench/out/BENCHMARK-STAMP (or --out), made, and the results header to write into it; sets the
+    thread count first, so every case runs on --threads cores."""
+    torch.set_num_threads(args.threads)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or ROOT / "bench" / "out" / f"{benchmark}-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out, {"benchmark": benchmark, "created": stamp, "config": vars(args)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,19 +196,12 @@ def run_size(size: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="11m,135m")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--lengths", choices=["uniform", "full"], default="uniform")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out or ROOT / "bench" / "out" / f"packing-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"benchmark": "packing", "created": stamp, "config": vars(args), "sizes": {}}
+    options = parser(__doc__, "11m,135m")
+    options.add_argument("--new-tokens", type=int, default=64)
+    options.add_argument("--lengths", choices=["uniform", "full"], default="uniform")
+    args = options.parse_args()
+    out, results = results_dir("packing", args)
+    results["sizes"] = {}
     for size in args.sizes.split(","):
         results["sizes"][size] = run_size(size, args, out)
         (out / "results.json").write_text(json.dumps(results, indent=2))
